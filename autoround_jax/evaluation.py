@@ -1,0 +1,60 @@
+"""Perplexity over non-overlapping windows with a fixed token budget: the yardstick for every quantized model."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .models.decoder import CausalLM
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _window_nll(graphdef, state, ids):
+    """Summed next-token NLL of each window [B, T] (positions 1..T-1 are predicted)."""
+    model = nnx.merge(graphdef, state)
+    logits = model(ids)[:, :-1]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    return nll.sum(axis=-1)
+
+
+def token_windows(token_ids, seqlen: int, max_tokens: int | None) -> np.ndarray:
+    """Non-overlapping windows [n, seqlen] from the first max_tokens tokens (a short text gives one window)."""
+    ids = np.asarray(token_ids, np.int32)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("text too short for perplexity: it needs at least 2 tokens")
+    if len(ids) < seqlen:
+        return ids[None]
+    n = len(ids) // seqlen
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+def perplexity_of_windows(model: CausalLM, windows: np.ndarray, batch_size: int = 1) -> float:
+    graphdef, state = nnx.split(model)
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        total += float(np.sum(np.asarray(_window_nll(graphdef, state, jnp.asarray(chunk)), np.float64)))
+        count += chunk.shape[0] * (chunk.shape[1] - 1)
+    return math.exp(total / count)
+
+
+def perplexity(
+    model: CausalLM,
+    tokenizer,
+    text: str,
+    *,
+    seqlen: int = 1024,
+    max_tokens: int | None = 20480,
+    batch_size: int = 1,
+) -> float:
+    """exp(mean NLL) over non-overlapping seqlen windows of the first max_tokens tokens of text."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return perplexity_of_windows(model, token_windows(ids, seqlen, max_tokens), batch_size)

@@ -1,0 +1,228 @@
+"""One Flax NNX decoder for Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm) and Llama, parametrized by ModelConfig.
+
+Attribute names mirror the HF module names (self_attn.q_proj, mlp.down_proj, input_layernorm, ...), so the path of a
+tensor in this model is its HF name without the "model." prefix: the params table stays declarative and the
+exporters can walk the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import ModelConfig
+from .layers import FloatWeight, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+_NEG = -1e30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerCache:
+    """Keys/values of one block: [B, S_max, KVH, D]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer caches plus which slots hold real tokens (left padding) and the next free slot."""
+
+    layers: list[LayerCache]
+    key_mask: jax.Array  # [B, S_max] bool
+    index: jax.Array  # int32 scalar: slots [0, index) are filled
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        layers = [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
+        return cls(layers, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def _linear(t: Mapping[str, np.ndarray], name: str, dtype) -> Linear:
+    bias = t.get(f"{name}.bias")
+    return Linear(FloatWeight(jnp.asarray(t[f"{name}.weight"], dtype)), None if bias is None else jnp.asarray(bias, dtype))
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k norm and an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, t: Mapping[str, np.ndarray], dtype):
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _linear(t, "q_proj", dtype)
+        self.k_proj = _linear(t, "k_proj", dtype)
+        self.v_proj = _linear(t, "v_proj", dtype)
+        self.o_proj = _linear(t, "o_proj", dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(jnp.asarray(t["q_norm.weight"], dtype), cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(jnp.asarray(t["k_norm.weight"], dtype), cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, index=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, index, 0, 0))
+            cache = LayerCache(k_all, v_all)
+            k, v = k_all.astype(x.dtype), v_all.astype(x.dtype)
+        out = _attend(q, k, v, mask, self.num_kv_heads)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+
+
+def _attend(q, k, v, mask, kv_heads):
+    """softmax(q k^T / sqrt(d)) v with GQA by grouping query heads; softmax in fp32 like HF eager."""
+    b, t, h, d = q.shape
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / np.sqrt(d).astype(np.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, t: Mapping[str, np.ndarray], dtype):
+        self.gate_proj = _linear(t, "gate_proj", dtype)
+        self.up_proj = _linear(t, "up_proj", dtype)
+        self.down_proj = _linear(t, "down_proj", dtype)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _sub(t: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype=jnp.float32):
+        """tensors: this block's HF tensors keyed without the "model.layers.{i}." prefix."""
+        self.input_layernorm = RMSNorm(jnp.asarray(tensors["input_layernorm.weight"], dtype), cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(
+            jnp.asarray(tensors["post_attention_layernorm.weight"], dtype), cfg.rms_norm_eps
+        )
+        self.self_attn = Attention(cfg, _sub(tensors, "self_attn."), dtype)
+        self.mlp = MLP(_sub(tensors, "mlp."), dtype)
+
+    def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, index=None):
+        """Returns (output, updated cache or None). mask: [B, T, S] bool, True where a query may attend."""
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
+        h = x + a
+        return h + self.mlp(self.post_attention_layernorm(h)), cache
+
+
+class Rotary(nnx.Module):
+    """Holds the inverse frequencies (a constant, not a parameter)."""
+
+    def __init__(self, cfg: ModelConfig):
+        inv, self.scaling = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        self.inv_freq = nnx.Variable(jnp.asarray(inv))
+
+    def __call__(self, positions, dtype):
+        return rope_cos_sin(positions, self.inv_freq[...], self.scaling, dtype)
+
+
+def causal_mask(attention_mask: jax.Array | None, batch: int, t: int) -> jax.Array:
+    """[B, T, T] causal mask that also hides padded keys."""
+    m = jnp.tril(jnp.ones((t, t), bool))[None]
+    m = jnp.broadcast_to(m, (batch, t, t))
+    if attention_mask is not None:
+        m = m & attention_mask.astype(bool)[:, None, :]
+    return m
+
+
+def default_positions(attention_mask: jax.Array | None, batch: int, t: int) -> jax.Array:
+    """Positions count real tokens only, so left-padded prompts rotate like unpadded ones."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (batch, t))
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class CausalLM(nnx.Module):
+    """Embedding, decoder blocks, final norm and (tied or untied) lm_head."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        embed: jax.Array,
+        blocks: list[DecoderBlock],
+        norm: jax.Array,
+        lm_head: nnx.Module | None,
+    ):
+        self.config = cfg
+        self.embed_tokens = nnx.Param(embed)
+        self.layers = nnx.List(blocks)
+        self.norm = RMSNorm(norm, cfg.rms_norm_eps)
+        self.lm_head = lm_head  # None when tied to embed_tokens
+        self.rotary = Rotary(cfg)
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.dtype
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        h = self.norm(h)
+        if self.lm_head is None:
+            out = jnp.einsum("...d,vd->...v", h, self.embed_tokens[...].astype(h.dtype))
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Token ids [B, T] -> fp32 logits [B, T, V]."""
+        b, t = input_ids.shape
+        if positions is None:
+            positions = default_positions(attention_mask, b, t)
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        mask = causal_mask(attention_mask, b, t)
+        for block in self.layers:
+            h, _ = block(h, cos, sin, mask)
+        return self.logits(h)
+
+    def forward_cached(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        token_mask: jax.Array,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]:
+        """Run T new tokens into slots [cache.index, cache.index + T); token_mask marks real (non-pad) tokens."""
+        b, t = input_ids.shape
+        s = cache.key_mask.shape[1]
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, token_mask.astype(bool), (0, cache.index))
+        q_slot = cache.index + jnp.arange(t)
+        mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        new_layers = []
+        for block, lc in zip(self.layers, cache.layers):
+            h, lc = block(h, cos, sin, mask, lc, cache.index)
+            new_layers.append(lc)
+        return self.logits(h), KVCache(new_layers, key_mask, cache.index + t)

@@ -1,0 +1,119 @@
+"""Leaf layers of the decoder: RMSNorm, Linear with a swappable weight leaf, rotary embeddings.
+
+A Linear holds its weight as a small module with one job: `__call__(x) -> x @ W.T`. The float leaf lives here;
+the fake-quant leaf (tuning) and the packed-int leaf (inference) live with the quantizer and the kernels. Block
+code never knows which one it has.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import RopeConfig
+
+
+class FloatWeight(nnx.Module):
+    """A plain float weight in HF layout [out_features, in_features]."""
+
+    def __init__(self, w: jax.Array):
+        self.w = nnx.Param(jnp.asarray(w))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.w.shape)
+
+    def dequantize(self) -> jax.Array:
+        return self.w[...]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...k,nk->...n", x, self.w[...].astype(x.dtype))
+
+
+class Linear(nnx.Module):
+    """y = weight(x) + bias; the weight is any leaf with `__call__(x)` and `shape`."""
+
+    def __init__(self, weight: nnx.Module, bias: jax.Array | None = None):
+        self.weight = weight
+        self.bias = nnx.Param(jnp.asarray(bias)) if bias is not None else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.weight(x)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in fp32 and cast back before the scale, as transformers does."""
+
+    def __init__(self, weight: jax.Array, eps: float):
+        self.weight = nnx.Param(jnp.asarray(weight))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and attention scaling, following transformers' rope init functions."""
+    base = rope.theta
+    inv = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    scaling = 1.0
+    if rope.rope_type == "linear":
+        inv = inv / rope.factor
+    elif rope.rope_type == "llama3":
+        old = rope.original_max_position_embeddings or max_position_embeddings
+        low_wl = old / rope.low_freq_factor
+        high_wl = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        inv_l = np.where(wavelen > low_wl, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * inv_l / rope.factor + smooth * inv_l
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        inv = np.where(medium, smoothed, inv_l).astype(np.float32)
+    elif rope.rope_type == "yarn":
+        inv, scaling = _yarn(rope, head_dim, max_position_embeddings)
+    # "dynamic" (NTK) equals the default until the sequence exceeds the original context, which we do not extend.
+    return inv.astype(np.float32), float(scaling)
+
+
+def _yarn(rope: RopeConfig, dim: int, max_pos: int) -> tuple[np.ndarray, float]:
+    base, factor = rope.theta, rope.factor
+    old = rope.original_max_position_embeddings or max_pos
+    scaling = rope.attention_factor if rope.attention_factor is not None else (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+    def correction_dim(n_rot: float) -> float:
+        return (dim * math.log(old / (n_rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extra_factor = 1 - ramp
+    inv = interpolation * (1 - extra_factor) + extrapolation * extra_factor
+    return inv.astype(np.float32), scaling
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, scaling: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, head_dim] for integer positions [B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return (jnp.cos(emb) * scaling).astype(dtype), (jnp.sin(emb) * scaling).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, D]; rotate_half convention (first half / second half), as HF."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
