@@ -1,0 +1,1 @@
+"""Text sources: offline evaluation and calibration text."""
