@@ -23,11 +23,20 @@ FAMILIES = {
                                                             "original_max_position_embeddings": 64})),
 }
 
+# Quantizable tiny models: every linear dimension divisible by 32.
+TUNE_FAMILIES = {
+    "qwen3_tune": ("qwen3", dict(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),
+    "qwen2_tune": ("qwen2", dict(hidden_size=128, intermediate_size=320, num_attention_heads=4,
+                                 num_key_value_heads=2, tie_word_embeddings=False)),
+}
+FAMILIES_ALL = {**FAMILIES, **TUNE_FAMILIES}
+
 
 def hf_config(name: str, num_layers: int = 2, vocab_size: int = 301):
     import transformers
 
-    family, kw = FAMILIES[name]
+    family, kw = FAMILIES_ALL[name]
     cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
            "llama": transformers.LlamaConfig}[family]
     extra = {"rope_theta": 10000.0 if family == "llama" else 1e6}

@@ -155,19 +155,21 @@ class ModelSource:
         if check:
             check_tensors(self.reader, self.config)
 
-    def block(self, i: int) -> DecoderBlock:
-        return load_block(self.reader, self.config, i, self.dtype)
+    def block(self, i: int, dtype=None) -> DecoderBlock:
+        return load_block(self.reader, self.config, i, dtype or self.dtype)
 
-    def tensor(self, name: str) -> jnp.ndarray:
-        return jnp.asarray(self.reader.get(name), self.dtype)
+    def tensor(self, name: str, dtype=None) -> jnp.ndarray:
+        return jnp.asarray(self.reader.get(name), dtype or self.dtype)
 
-    def model(self, blocks: Iterable[DecoderBlock] | None = None) -> CausalLM:
+    def model(self, blocks: Iterable[DecoderBlock] | None = None, dtype=None) -> CausalLM:
         """Assemble the full model (optionally from blocks already built, e.g. quantized ones)."""
-        cfg = self.config
+        cfg, dtype = self.config, dtype or self.dtype
         if blocks is None:
-            blocks = [self.block(i) for i in range(cfg.num_layers)]
-        head = None if cfg.tie_word_embeddings else Linear(FloatWeight(self.tensor("lm_head.weight")))
-        return CausalLM(cfg, self.tensor("model.embed_tokens.weight"), list(blocks), self.tensor("model.norm.weight"), head)
+            blocks = [self.block(i, dtype) for i in range(cfg.num_layers)]
+        head = None if cfg.tie_word_embeddings else Linear(FloatWeight(self.tensor("lm_head.weight", dtype)))
+        return CausalLM(
+            cfg, self.tensor("model.embed_tokens.weight", dtype), list(blocks), self.tensor("model.norm.weight", dtype), head
+        )
 
 
 def load_model(name_or_path: str, dtype="auto") -> CausalLM:

@@ -1,0 +1,308 @@
+"""AutoRound: the reference's block-wise pipeline over a model read one block at a time.
+
+Order of operations (reference `compress_block`): cache the first block's inputs for nsamples x seqlen tokens;
+for each block, float targets Y_fp = block(X_fp); tuned inputs X_q are the outputs of the already-quantized
+previous blocks (enable_quanted_input); tune V and the clip scales; keep the best iteration; X_fp <- Y_fp and
+X_q <- block_q(X_q). Only one float block plus the calibration activations are in memory at any time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+import resource
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from ..data.calibration import calibration_ids
+from ..models.decoder import CausalLM, DecoderBlock, Rotary, causal_mask, default_positions
+from ..models.layers import FloatWeight
+from ..models.loading import ModelSource, parse_dtype
+from ..quant.qdq import QuantizedWeight, dequantize
+from .fake_quant import FakeQuantWeight, LayerScheme
+from .layer_selection import SCHEMES, resolve_layers
+from .signround import TuneSettings, tune_block
+
+PRESETS = {
+    "default": dict(iters=200, nsamples=128, seqlen=2048, batch_size=8),
+    "best": dict(iters=1000, nsamples=512, seqlen=2048, batch_size=8),
+    "light": dict(iters=50, nsamples=128, seqlen=2048, batch_size=8, lr=5e-3),
+    "rtn": dict(iters=0, nsamples=128, seqlen=2048, batch_size=8),
+}
+
+
+def default_lr(iters: int, bits: int) -> float:
+    """1/iters, or 2/iters for <= 3 bits at >= 1000 iterations (reference `_lr_for_bits`)."""
+    if iters <= 0:
+        return 0.0
+    return (2.0 if iters >= 1000 and bits <= 3 else 1.0) / iters
+
+
+def _module(block: nnx.Module, dotted: str):
+    m = block
+    for part in dotted.split("."):
+        m = getattr(m, part)
+    return m
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _apply(graphdef, state, x, cos, sin, mask):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask)[0]
+
+
+def apply_block(block: nnx.Module, x: jax.Array, cos, sin, mask, batch_size: int) -> jax.Array:
+    """block(x) over [n, T, D] in chunks of batch_size rows (the last chunk padded to keep one compiled shape)."""
+    graphdef, state = nnx.split(block)
+    n = x.shape[0]
+    outs = []
+    for i in range(0, n, batch_size):
+        chunk = x[i : i + batch_size]
+        short = batch_size - chunk.shape[0]
+        if short:
+            chunk = jnp.concatenate([chunk, jnp.zeros((short,) + chunk.shape[1:], chunk.dtype)])
+        outs.append(_apply(graphdef, state, chunk, cos, sin, mask)[: batch_size - short])
+    return jnp.concatenate(outs)
+
+
+@dataclasses.dataclass
+class BlockReport:
+    index: int
+    loss_rtn: float | None
+    loss_best: float | None
+    best_iter: int | None
+    seconds: float
+
+
+class AutoRound:
+    """Weight-only AutoRound with the reference's names and defaults.
+
+    model: an HF folder or hub id (read block by block), or a CausalLM already in memory.
+    """
+
+    def __init__(
+        self,
+        model: str | CausalLM,
+        tokenizer=None,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = True,
+        iters: int = 200,
+        lr: float | None = None,
+        minmax_lr: float | None = None,
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        batch_size: int = 8,
+        gradient_accumulate_steps: int = 1,
+        dataset=None,
+        seed: int = 42,
+        layer_config=None,
+        fp_layers=None,
+        ignore_layers=None,
+        to_quant_block_names=None,
+        enable_minmax_tuning: bool = True,
+        enable_quanted_input: bool = True,
+        not_use_best_mse: bool = False,
+        scale_dtype: str = "fp16",
+        model_dtype: str = "auto",
+        amp: bool = True,
+        scheme: str | None = None,
+        progress: bool = True,
+        **unsupported: Any,
+    ):
+        if unsupported:
+            warnings.warn(f"ignored options not implemented in autoround-jax: {', '.join(sorted(unsupported))}")
+        if scheme is not None:
+            if scheme.upper() not in SCHEMES:
+                raise ValueError(f"unknown scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
+            s = SCHEMES[scheme.upper()]
+            bits, group_size, sym = s.bits, s.group_size, s.sym
+        if iters < 0 or nsamples < 1 or seqlen < 2 or batch_size < 1 or gradient_accumulate_steps < 1:
+            raise ValueError("iters must be >= 0 and nsamples, seqlen, batch_size, gradient_accumulate_steps >= 1")
+        self.default_scheme = LayerScheme(int(bits), int(group_size), bool(sym))
+        self.iters, self.nsamples, self.seqlen = iters, nsamples, seqlen
+        self.batch_size = min(batch_size, nsamples)
+        self.gradient_accumulate_steps = gradient_accumulate_steps
+        self.lr = lr if lr is not None else default_lr(iters, bits)
+        self.minmax_lr = minmax_lr if minmax_lr is not None else self.lr
+        self.dataset, self.seed = dataset, seed
+        self.enable_minmax_tuning, self.enable_quanted_input = enable_minmax_tuning, enable_quanted_input
+        self.not_use_best_mse = not_use_best_mse
+        self.scale_dtype = parse_dtype(scale_dtype)
+        self.progress = progress
+        on_accelerator = jax.default_backend() in ("gpu", "tpu")
+        # The reference tunes in bf16 (amp). XLA:CPU is not faster in bf16, so on a CPU we tune in fp32.
+        self.compute_dtype = jnp.bfloat16 if (amp and on_accelerator) else jnp.float32
+        if isinstance(model, CausalLM):
+            self.source = _InMemorySource(model)
+            self.model_path = None
+        else:
+            self.source = ModelSource(model, dtype=model_dtype)
+            self.model_path = self.source.path
+            if tokenizer is None:
+                from ..tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(self.source.path)
+        self.tokenizer = tokenizer
+        self.config = self.source.config
+        self.model_dtype = self.source.dtype
+        self.layer_config = resolve_layers(
+            self.config, self.default_scheme, fp_layers=fp_layers or ignore_layers, layer_config=layer_config,
+            to_quant_block_names=to_quant_block_names,
+        )
+        self.quantized: dict[str, QuantizedWeight] = {}
+        self.reports: list[BlockReport] = []
+        self.seconds = 0.0
+
+    # -- calibration ---------------------------------------------------------------------------------------------
+    def _sample_from_model(self, nsamples: int, seqlen: int, seed: int) -> np.ndarray:
+        """'--dataset self': sample text from the float model itself, starting from BOS (or token 0)."""
+        from ..generation import generate_ids
+
+        model = self.source.model()
+        start = self.config.bos_token_id if self.config.bos_token_id is not None else 0
+        prompt = np.full((nsamples, 1), start, np.int32)
+        new = generate_ids(model, prompt, max_new_tokens=seqlen - 1, temperature=1.0, top_p=0.95, seed=seed)
+        return np.concatenate([prompt, new], axis=1)
+
+    def calibration(self) -> np.ndarray:
+        return calibration_ids(self.dataset, self.tokenizer, self.nsamples, self.seqlen, self.seed,
+                               self._sample_from_model)
+
+    # -- the pipeline --------------------------------------------------------------------------------------------
+    def _block_schemes(self, i: int) -> dict[str, LayerScheme]:
+        prefix = f"model.layers.{i}."
+        return {k[len(prefix):]: s for k, s in self.layer_config.items() if k.startswith(prefix) and s is not None}
+
+    def _to_fake_quant(self, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
+        for name, scheme in schemes.items():
+            lin = _module(block, name)
+            lin.weight = FakeQuantWeight(lin.weight.w[...], scheme, self.scale_dtype, self.enable_minmax_tuning)
+
+    def _finalize(self, i: int, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
+        """Record integer codes and turn the fake-quant leaves back into float (qdq) weights."""
+        for name in schemes:
+            lin = _module(block, name)
+            self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(np.asarray, lin.weight.quantized())
+            lin.weight = FloatWeight(lin.weight.dequantize().astype(self.compute_dtype))
+
+    def quantize(self) -> tuple[CausalLM, dict[str, LayerScheme | None]]:
+        """Tune every selected block; returns (fake-quant model, layer_config) like the reference."""
+        t_start = time.time()
+        if self.iters == 0:
+            self._quantize_rtn()
+        else:
+            self._quantize_tuned()
+        self.seconds = time.time() - t_start
+        return self.model(), self.layer_config
+
+    def _quantize_rtn(self) -> None:
+        """iters=0: plain RTN needs no calibration data (the reference's model-free route)."""
+        for i in self._progress(range(self.config.num_layers)):
+            t0 = time.time()
+            schemes = self._block_schemes(i)
+            if schemes:
+                block = self.source.block(i, self.compute_dtype)
+                self._to_fake_quant(block, schemes)
+                self._finalize(i, block, schemes)
+            self.reports.append(BlockReport(i, None, None, None, time.time() - t0))
+
+    def _quantize_tuned(self) -> None:
+        ids = jnp.asarray(self.calibration())
+        rng = random.Random(self.seed)
+        bs, t = self.batch_size, self.seqlen
+        positions = default_positions(None, bs, t)
+        cos, sin = Rotary(self.config)(positions, self.compute_dtype)
+        mask = causal_mask(None, bs, t)
+        x_fp = jnp.take(self.source.tensor("model.embed_tokens.weight").astype(self.compute_dtype), ids, axis=0)
+        x_q = x_fp
+        settings = TuneSettings(self.iters, self.lr, self.minmax_lr, bs, self.gradient_accumulate_steps,
+                                self.not_use_best_mse)
+        bar = self._progress(range(self.config.num_layers))
+        for i in bar:
+            t0 = time.time()
+            block = self.source.block(i, self.compute_dtype)
+            y_fp = apply_block(block, x_fp, cos, sin, mask, bs)
+            schemes = self._block_schemes(i)
+            report = BlockReport(i, None, None, None, 0.0)
+            if schemes:
+                self._to_fake_quant(block, schemes)
+                r = tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng)
+                report.loss_rtn, report.loss_best, report.best_iter = r.loss_rtn, r.loss_best, r.best_iter
+                self._finalize(i, block, schemes)
+                if hasattr(bar, "set_postfix_str"):
+                    bar.set_postfix_str(f"loss iter 0: {r.loss_rtn:.6g} -> best iter {r.best_iter}: {r.loss_best:.6g}")
+            x_q = apply_block(block, x_q, cos, sin, mask, bs) if self.enable_quanted_input else y_fp
+            x_fp = y_fp
+            jax.block_until_ready(x_q)
+            report.seconds = time.time() - t0
+            self.reports.append(report)
+
+    def _progress(self, it):
+        return tqdm(it, desc="blocks", unit="block", disable=not self.progress, dynamic_ncols=True)
+
+    # -- results -------------------------------------------------------------------------------------------------
+    def quantized_block(self, i: int, dtype=None) -> DecoderBlock:
+        """Block i with quantized linears replaced by their dequantized (qdq) float weights."""
+        dtype = dtype or self.model_dtype
+        block = self.source.block(i, dtype)
+        prefix = f"model.layers.{i}."
+        for name, qw in self.quantized.items():
+            if name.startswith(prefix):
+                lin = _module(block, name[len(prefix):])
+                lin.weight = FloatWeight(dequantize(qw).astype(dtype))
+        return block
+
+    def model(self, dtype=None) -> CausalLM:
+        """The fake-quant model (float weights holding the quantized values), for evaluation in JAX."""
+        return self.source.model([self.quantized_block(i, dtype) for i in range(self.config.num_layers)], dtype)
+
+    def summary(self) -> str:
+        n_q = sum(s is not None for s in self.layer_config.values())
+        n_f = len(self.layer_config) - n_q
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        tuned = [r for r in self.reports if r.loss_best is not None]
+        lines = [
+            f"quantized {n_q} linear layers, kept {n_f} block linears and lm_head in float "
+            f"({self.default_scheme.bits}-bit, group {self.default_scheme.group_size}, "
+            f"{'sym' if self.default_scheme.sym else 'asym'}, iters {self.iters})",
+            f"time {self.seconds:.1f} s ({self.seconds / max(len(self.reports), 1):.2f} s per block), "
+            f"peak host memory {peak_gb:.2f} GB",
+        ]
+        if tuned:
+            lines.append(f"mean block loss: RTN {np.mean([r.loss_rtn for r in tuned]):.6g} -> tuned "
+                         f"{np.mean([r.loss_best for r in tuned]):.6g}")
+        return "\n".join(lines)
+
+
+class _InMemorySource:
+    """ModelSource's interface over a CausalLM already in memory."""
+
+    def __init__(self, model: CausalLM):
+        self._model = model
+        self.config = model.config
+        self.dtype = model.dtype
+        self.path = None
+
+    def block(self, i: int, dtype=None) -> DecoderBlock:
+        graphdef, state = nnx.split(self._model.layers[i])
+        if dtype is not None:
+            state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+        return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+
+    def tensor(self, name: str):
+        assert name == "model.embed_tokens.weight", name
+        return self._model.embed_tokens[...]
+
+    def model(self, blocks=None, dtype=None) -> CausalLM:
+        m = self._model
+        if blocks is None:
+            return m
+        return CausalLM(self.config, m.embed_tokens[...], list(blocks), m.norm.weight[...], m.lm_head)

@@ -1,0 +1,77 @@
+"""The fake-quant weight leaf: a float weight plus trainable rounding offset V and min/max clip scales.
+
+It is a drop-in replacement for FloatWeight inside a Linear, so block code is unchanged while tuning. Variable
+types separate what the optimizer trains (Rounding, ClipScale) from constants (Frozen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..quant.qdq import QuantizedWeight, group_len, minmax_init, num_groups, qdq, quantize_to_codes
+
+
+class Frozen(nnx.Variable):
+    """A constant carried by a module: never differentiated, never updated."""
+
+
+class Rounding(nnx.Param):
+    """V, the per-weight rounding offset (init 0), trained with lr."""
+
+
+class ClipScale(nnx.Param):
+    """min/max clip scales per group (init 1, kept in [0, 1]), trained with minmax_lr."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerScheme:
+    """How one linear is quantized."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    data_type: str = "int"
+
+
+class FakeQuantWeight(nnx.Module):
+    """x @ qdq(W, V, min_scale, max_scale).T, differentiable in V and the clip scales."""
+
+    def __init__(self, w: jax.Array, scheme: LayerScheme, scale_dtype=jnp.float16, tune_minmax: bool = True):
+        n, k = w.shape
+        rows = n * num_groups(k, scheme.group_size)
+        wmin0, wmax0 = minmax_init(w, scheme.group_size)
+        self.w = Frozen(w)
+        self.wmin0, self.wmax0 = Frozen(wmin0), Frozen(wmax0)
+        self.v = Rounding(jnp.zeros((rows, group_len(k, scheme.group_size)), jnp.float32))
+        scale_var = ClipScale if tune_minmax else Frozen
+        self.min_scale = scale_var(jnp.ones((rows,), jnp.float32))
+        self.max_scale = scale_var(jnp.ones((rows,), jnp.float32))
+        self.scheme = scheme
+        self.scale_dtype = jnp.dtype(scale_dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.w.shape)
+
+    def _args(self):
+        s = self.scheme
+        return (self.w[...], self.v[...], self.min_scale[...], self.max_scale[...]), dict(
+            bits=s.bits, group_size=s.group_size, sym=s.sym, scale_dtype=self.scale_dtype,
+            wmin0=self.wmin0[...], wmax0=self.wmax0[...],
+        )
+
+    def dequantize(self) -> jax.Array:
+        args, kw = self._args()
+        return qdq(*args, **kw)[0]
+
+    def quantized(self) -> QuantizedWeight:
+        """Integer codes, scales and zeros of the current parameters (what the exporters pack)."""
+        args, kw = self._args()
+        return quantize_to_codes(*args, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("...k,nk->...n", x, self.dequantize().astype(x.dtype))

@@ -1,0 +1,124 @@
+"""The SignRound block optimisation as one jit-compiled function per block shape.
+
+All `iters` iterations run inside a single `lax.fori_loop`: mini-batches are gathered on device from precomputed
+sample indices, gradients are accumulated over `gradient_accumulate_steps` micro-batches with `lax.scan`, the
+update is optax's sign step with linear decay, and best-loss tracking keeps the pre-step parameters of the best
+iteration (iteration 0 is RTN). No host round-trip per iteration; one compilation serves every block whose
+structure and shapes match (the graphdef is a static argument and hashes by structure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .fake_quant import ClipScale, Rounding
+
+TRACE_COUNT = {"tune": 0}  # incremented at trace time only: tests use it to prove one compile per block shape
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSettings:
+    iters: int = 200
+    lr: float = 5e-3
+    minmax_lr: float = 5e-3
+    batch_size: int = 8
+    gradient_accumulate_steps: int = 1
+    not_use_best_mse: bool = False
+
+
+@dataclasses.dataclass
+class TuneResult:
+    loss_rtn: float  # iteration 0 (V = 0, scales = 1)
+    loss_best: float
+    best_iter: int
+
+
+def sample_indices(nsamples: int, global_batch: int, iters: int, rng: random.Random) -> np.ndarray:
+    """The reference's IndexSampler: shuffled permutation cut into consecutive slices; reshuffle when short."""
+    if global_batch > nsamples:
+        raise ValueError(f"batch_size x gradient_accumulate_steps = {global_batch} exceeds nsamples {nsamples}")
+    out, perm, pos = [], [], 0
+    for _ in range(iters):
+        if pos + global_batch > len(perm):
+            perm = list(range(nsamples))
+            rng.shuffle(perm)
+            pos = 0
+        out.append(perm[pos : pos + global_batch])
+        pos += global_batch
+    return np.asarray(out, np.int32).reshape(iters, global_batch)
+
+
+def _sign_sgd(lr, iters: int) -> optax.GradientTransformation:
+    """p <- p - lr * (1 - t/iters) * sign(g), the reference's SignSGD with LinearLR(1 -> 0)."""
+    return optax.chain(optax.scale_by_sign(), optax.scale_by_schedule(lambda t: -lr * (1.0 - t / iters)))
+
+
+def _clip_scales(params):
+    """min/max scales live in [0, 1]: the reference clamps them in place before every use."""
+    return jax.tree.map(lambda p: jnp.clip(p, 0.0, 1.0), params)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "iters", "batch_size", "gas", "not_use_best_mse"))
+def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, lr, minmax_lr, *,
+          iters, batch_size, gas, not_use_best_mse):
+    TRACE_COUNT["tune"] += 1
+    tx_v, tx_s = _sign_sgd(lr, iters), _sign_sgd(minmax_lr, iters)
+
+    def loss_fn(params, xb, yb):
+        block = nnx.merge(graphdef, params[0], params[1], rest)
+        out = block(xb, cos, sin, mask)[0]
+        return jnp.mean(jnp.square(out.astype(jnp.float32) - yb.astype(jnp.float32)))
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def body(i, carry):
+        params, opt_state, best, best_loss, best_iter, loss0 = carry
+        idx = indices[i].reshape(gas, batch_size)
+
+        def micro(acc, j):
+            loss, g = grad_fn(params, x_q[j], y_fp[j])
+            return jax.tree.map(jnp.add, acc, (loss, g)), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(micro, zero, idx)
+        loss = loss / gas
+        take = (i == iters - 1) if not_use_best_mse else (loss < best_loss)
+        best = jax.tree.map(lambda b, p: jnp.where(take, p, b), best, params)
+        best_loss = jnp.where(take, loss, best_loss)
+        best_iter = jnp.where(take, i, best_iter)
+        loss0 = jnp.where(i == 0, loss, loss0)
+        uv, sv = tx_v.update(grads[0], opt_state[0]), tx_s.update(grads[1], opt_state[1])
+        new_params = (optax.apply_updates(params[0], uv[0]), _clip_scales(optax.apply_updates(params[1], sv[0])))
+        return new_params, (uv[1], sv[1]), best, best_loss, best_iter, loss0
+
+    params = (rounding, scales)
+    opt_state = (tx_v.init(rounding), tx_s.init(scales))
+    init = (params, opt_state, params, jnp.float32(jnp.inf), jnp.int32(0), jnp.float32(0))
+    _, _, best, best_loss, best_iter, loss0 = jax.lax.fori_loop(0, iters, body, init)
+    return best, loss0, best_loss, best_iter
+
+
+def tune_block(block: nnx.Module, x_q, y_fp, cos, sin, mask, settings: TuneSettings, rng: random.Random) -> TuneResult:
+    """Optimise the fake-quant leaves of `block` in place (V and clip scales end at the best iteration's values).
+
+    x_q, y_fp: [nsamples, T, D] tuned inputs and float targets; cos/sin/mask: built for batch_size rows.
+    """
+    graphdef, rounding, scales, rest = nnx.split(block, Rounding, ClipScale, ...)
+    s = settings
+    global_batch = s.batch_size * s.gradient_accumulate_steps
+    idx = sample_indices(x_q.shape[0], global_batch, s.iters, rng)
+    best, loss0, best_loss, best_iter = _tune(
+        graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, jnp.asarray(idx),
+        jnp.float32(s.lr), jnp.float32(s.minmax_lr), iters=s.iters, batch_size=s.batch_size,
+        gas=s.gradient_accumulate_steps, not_use_best_mse=s.not_use_best_mse,
+    )
+    nnx.update(block, best[0], best[1])
+    return TuneResult(float(loss0), float(best_loss), int(best_iter))
