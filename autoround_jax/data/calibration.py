@@ -126,7 +126,10 @@ def calibration_ids(
         dataset = DEFAULT_DATASET
     if isinstance(dataset, np.ndarray):  # token ids given directly, as the reference accepts tensors
         if dataset.ndim != 2 or dataset.shape[1] < seqlen or dataset.shape[0] < nsamples:
-            raise DatasetError(f"token-id dataset of shape {dataset.shape} cannot give {nsamples} x {seqlen}")
+            raise DatasetError(
+                f"only {dataset.shape[0]} calibration samples of {dataset.shape[-1]} tokens available, "
+                f"{nsamples} x {seqlen} requested: lower --nsamples or --seqlen"
+            )
         return np.asarray(dataset[:nsamples, :seqlen], np.int32)
     if isinstance(dataset, str) and dataset.strip() == "self":
         if sample_from_model is None:
