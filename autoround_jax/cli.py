@@ -11,6 +11,7 @@ import sys
 import time
 
 PROG = "autoround-jax"
+SUBCOMMANDS = ("demo", "convert-gguf", "generate", "perplexity")
 
 
 class UsageError(ValueError):
@@ -75,28 +76,130 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """The README's main job on the embedded model: convert, chat, perplexity."""
+    """The README's main job on the embedded model: quantize (RTN and tuned), export, perplexity before/after."""
     from . import generate, load_model, load_tokenizer, perplexity
+    from .tuning.autoround import AutoRound
 
     t0 = time.time()
     path = _model_path(args.model)
     print(f"model folder: {path} ({time.time() - t0:.1f} s)")
-    model, tok = load_model(path, dtype=args.model_dtype), load_tokenizer(path)
+    tok = load_tokenizer(path)
+    text = _eval_text(None)
+    ppl = lambda m: perplexity(m, tok, text, seqlen=args.seqlen, max_tokens=args.max_tokens)  # noqa: E731
+    fp_model = load_model(path, dtype="fp32")
     question = "What is the capital of France? Answer in one sentence."
-    print(f"user: {question}\nassistant: {generate(model, tok, question, max_new_tokens=48)}")
-    ppl = perplexity(model, tok, _eval_text(None), seqlen=args.seqlen, max_tokens=args.max_tokens)
-    print(f"perplexity (fortunes eval half, {args.max_tokens} tokens, windows of {args.seqlen}): {ppl:.3f}")
+    print(f"[fp32] user: {question}\n[fp32] assistant: {generate(fp_model, tok, question, max_new_tokens=40)}")
+    results = {"float": ppl(fp_model)}
+    del fp_model
+    common = dict(bits=4, group_size=args.group_size, sym=True, model_dtype="fp32", dataset="fortunes")
+    rtn = AutoRound(path, tok, iters=0, progress=False, **common)
+    results["RTN"] = ppl(rtn.quantize()[0])
+    ar = AutoRound(path, tok, iters=args.iters, nsamples=args.nsamples, seqlen=args.calib_seqlen,
+                   batch_size=args.batch_size, **common)
+    tuned, _ = ar.quantize()
+    print(ar.summary())
+    results["AutoRound"] = ppl(tuned)
+    out = ar.save_quantized(args.output_dir, format="fake", overwrite=True)
+    print(f"[W4G{args.group_size}] assistant: {generate(tuned, tok, question, max_new_tokens=40)}")
+    print(f"exported to {out} (report.md, loss.png inside)")
+    print(f"\nperplexity on held-out fortunes ({args.max_tokens} tokens, windows of {args.seqlen}):")
+    print("| model | perplexity |\n|---|---|")
+    for k, v in results.items():
+        print(f"| {k} | {v:.3f} |")
     print(f"total {time.time() - t0:.1f} s")
+
+
+def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
+    """The reference's flags and defaults (auto-round CLI), for `autoround-jax [--model ...]`."""
+    from .tuning.autoround import PRESETS
+
+    p = argparse.ArgumentParser(
+        prog=PROG if preset == "default" else f"{PROG}-{preset}",
+        description=f"AutoRound weight-only quantization ({preset} recipe). Other commands: {PROG} "
+        + " | ".join(SUBCOMMANDS) + " --help",
+    )
+    p.add_argument("model_pos", nargs="?", default=None, help=argparse.SUPPRESS)
+    _add_model_args(p)
+    p.set_defaults(model_dtype="auto")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=preset, help="recipe: default, best, light, rtn")
+    p.add_argument("--scheme", default=None, help="W4A16 (default), W8A16, W3A16, W2A16, W2A16G64, W2A16G32")
+    p.add_argument("--bits", type=int, default=None)
+    p.add_argument("--group_size", type=int, default=None)
+    p.add_argument("--asym", action="store_true")
+    p.add_argument("--iters", "--iter", type=int, default=None)
+    p.add_argument("--nsamples", type=int, default=None)
+    p.add_argument("--seqlen", type=int, default=None)
+    p.add_argument("--batch_size", "--train_bs", "--bs", type=int, default=None)
+    p.add_argument("--gradient_accumulate_steps", type=int, default=1)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--minmax_lr", type=float, default=None)
+    p.add_argument("--dataset", default=None, help="NeelNanda/pile-10k (needs a hub), fortunes, self, or a local file")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--fp_layers", "--ignore_layers", dest="fp_layers", default=None)
+    p.add_argument("--layer_config", default=None, help="JSON: {name-or-regex: {bits, group_size, sym}}")
+    p.add_argument("--to_quant_block_names", default=None)
+    p.add_argument("--disable_minmax_tuning", action="store_true")
+    p.add_argument("--disable_quanted_input", action="store_true")
+    p.add_argument("--not_use_best_mse", action="store_true")
+    p.add_argument("--disable_amp", action="store_true")
+    p.add_argument("--scale_dtype", default="fp16")
+    p.add_argument("--format", "--formats", dest="format", default="fake",
+                   help="fake (float folder with quantized values); auto_round exporters come with the converters")
+    p.add_argument("--output_dir", default="./tmp_autoround")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--device", "--device_map", dest="device", default=None, help="accepted for compatibility; JAX picks")
+    p.add_argument("--disable_eval", action="store_true", help="accepted for compatibility")
+    p.add_argument("--enable_torch_compile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--low_gpu_mem_usage", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .tuning.autoround import PRESETS, AutoRound
+
+    preset = PRESETS[args.preset]
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset.get(name)  # noqa: E731
+    model = args.model or args.model_pos
+    path = _model_path(model)
+    kw = dict(
+        iters=pick("iters"), nsamples=pick("nsamples"), seqlen=pick("seqlen"), batch_size=pick("batch_size"),
+        lr=pick("lr"), minmax_lr=args.minmax_lr, gradient_accumulate_steps=args.gradient_accumulate_steps,
+        dataset=args.dataset, seed=args.seed, fp_layers=args.fp_layers, layer_config=args.layer_config,
+        to_quant_block_names=args.to_quant_block_names, enable_minmax_tuning=not args.disable_minmax_tuning,
+        enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
+        scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, amp=not args.disable_amp, scheme=args.scheme,
+    )
+    if args.bits is not None:
+        kw["bits"] = args.bits
+    if args.group_size is not None:
+        kw["group_size"] = args.group_size
+    if args.asym:
+        kw["sym"] = False
+    ar = AutoRound(path, **kw)
+    s = ar.default_scheme
+    name = os.path.basename(os.path.normpath(model or path))
+    out = os.path.join(args.output_dir, f"{name}-w{s.bits}g{s.group_size}")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:  # fail before hours of tuning
+        raise UsageError(f"output folder {out} is not empty: remove it, choose another --output_dir, or pass --overwrite")
+    ar.quantize()
+    print(ar.summary())
+    print(f"saved {args.format} model to {ar.save_quantized(out, format=args.format, overwrite=args.overwrite)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="AutoRound weight-only quantization in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="convert the embedded SmolLM2, chat once, report perplexity")
+    p = sub.add_parser("demo", help="quantize the embedded SmolLM2 (RTN and AutoRound), export, compare perplexity")
     _add_model_args(p)
-    p.add_argument("--seqlen", type=int, default=1024)
-    p.add_argument("--max_tokens", type=int, default=20480)
+    p.add_argument("--seqlen", type=int, default=1024, help="perplexity window")
+    p.add_argument("--max_tokens", type=int, default=16384, help="perplexity token budget")
+    p.add_argument("--group_size", type=int, default=128)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--calib_seqlen", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--output_dir", default="./out/SmolLM2-135M-Instruct-w4g128-fake")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert-gguf", help="convert a GGUF (default: embedded SmolLM2) into an HF folder")
@@ -125,9 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+
+
+
+def run(argv: list[str] | None = None, preset: str = "default") -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        args = build_parser().parse_args(argv)
+    elif argv and argv[0] in ("quantize",):
+        args = build_quantize_parser(preset).parse_args(argv[1:])
+        args.func = cmd_quantize
+    else:
+        args = build_quantize_parser(preset).parse_args(argv)
+        args.func = cmd_quantize
     from .formats.safetensors_io import CheckpointError
     from .models.config import UnsupportedModelError
 
@@ -142,3 +255,15 @@ def run(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     sys.exit(run())
+
+
+def main_best() -> None:
+    sys.exit(run(preset="best"))
+
+
+def main_light() -> None:
+    sys.exit(run(preset="light"))
+
+
+def main_rtn() -> None:
+    sys.exit(run(preset="rtn"))

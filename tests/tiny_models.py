@@ -44,13 +44,13 @@ def hf_config(name: str, num_layers: int = 2, vocab_size: int = 301):
                rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra, **kw)
 
 
-def build_model(name: str, seed: int = 0, num_layers: int = 2):
+def build_model(name: str, seed: int = 0, num_layers: int = 2, vocab_size: int = 301):
     """A torch fp32 model with random weights, non-zero biases and non-trivial norm weights."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(name, num_layers), torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(name, num_layers, vocab_size), dtype=torch.float32)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import random
 import resource
 import time
@@ -263,6 +264,47 @@ class AutoRound:
     def model(self, dtype=None) -> CausalLM:
         """The fake-quant model (float weights holding the quantized values), for evaluation in JAX."""
         return self.source.model([self.quantized_block(i, dtype) for i in range(self.config.num_layers)], dtype)
+
+    def save_quantized(self, output_dir: str = "tmp_autoround", format: str = "fake", overwrite: bool = False) -> str:
+        """Write the quantized model. Formats: "fake" (float HF folder holding the dequantized weights)."""
+        from ..formats.fake import save_fake
+
+        if not self.reports:
+            raise ValueError("nothing to save: call quantize() first")
+        formats = {"fake": save_fake}
+        if format not in formats:
+            raise ValueError(
+                f"format {format!r} is not available yet: use 'fake' (the auto_round/auto_gptq/auto_awq exporters "
+                "are not built yet)"
+            )
+        return formats[format](self, output_dir, overwrite)
+
+    def write_report(self, folder: str) -> None:
+        """report.md (per-block RTN vs tuned loss, timing) and loss.png in the output folder."""
+        lines = ["# autoround-jax quantization report", "", "```", self.summary(), "```", "",
+                 "| block | RTN loss (iter 0) | tuned loss | best iter | seconds |", "|---|---|---|---|---|"]
+        for r in self.reports:
+            fmt = lambda v: "-" if v is None else f"{v:.6g}"  # noqa: E731
+            lines.append(f"| {r.index} | {fmt(r.loss_rtn)} | {fmt(r.loss_best)} | {fmt(r.best_iter)} | {r.seconds:.2f} |")
+        with open(os.path.join(folder, "report.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        tuned = [r for r in self.reports if r.loss_best is not None]
+        if tuned:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(7, 3.5))
+            ax.plot([r.index for r in tuned], [r.loss_rtn for r in tuned], "o-", label="RTN (iter 0)")
+            ax.plot([r.index for r in tuned], [r.loss_best for r in tuned], "o-", label="tuned (best iter)")
+            ax.set_xlabel("block")
+            ax.set_ylabel("block output MSE")
+            ax.set_yscale("log")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(os.path.join(folder, "loss.png"), dpi=110)
+            plt.close(fig)
 
     def summary(self) -> str:
         n_q = sum(s is not None for s in self.layer_config.values())

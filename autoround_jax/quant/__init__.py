@@ -1,0 +1,51 @@
+"""Quantizer math (AutoRound int_sym / int_asym qdq) and int32 bit packing; no model knowledge."""
+
+from .pack import (
+    AWQ_ORDER,
+    AWQ_REVERSE_ORDER,
+    pack_awq,
+    pack_cols,
+    pack_rows,
+    unpack_awq,
+    unpack_cols,
+    unpack_rows,
+)
+from .qdq import (
+    MINMAX_SCALE_BOUND,
+    QuantizedWeight,
+    clamp_ste,
+    dequantize,
+    group_len,
+    group_reshape,
+    group_unreshape,
+    minmax_init,
+    num_groups,
+    qdq,
+    quantize_to_codes,
+    round_ste,
+    rtn,
+)
+
+__all__ = [
+    "AWQ_ORDER",
+    "AWQ_REVERSE_ORDER",
+    "MINMAX_SCALE_BOUND",
+    "QuantizedWeight",
+    "clamp_ste",
+    "dequantize",
+    "group_len",
+    "group_reshape",
+    "group_unreshape",
+    "minmax_init",
+    "num_groups",
+    "pack_awq",
+    "pack_cols",
+    "pack_rows",
+    "qdq",
+    "quantize_to_codes",
+    "round_ste",
+    "rtn",
+    "unpack_awq",
+    "unpack_cols",
+    "unpack_rows",
+]

@@ -1,0 +1,63 @@
+"""The command line end to end on a tiny Qwen3 that borrows SmolLM2's tokenizer; errors are one line, no traceback."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from autoround_jax import load_model
+from tests.tiny_models import build_model, save_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory, smollm2_dir):
+    folder = save_model(build_model("qwen3_tune", num_layers=2, vocab_size=49152), str(tmp_path_factory.mktemp("cli")))
+    for f in TOKENIZER_FILES:
+        shutil.copy(os.path.join(smollm2_dir, f), folder)
+    return folder
+
+
+def _cli(*args, cwd=None):
+    code = "import sys; from autoround_jax.cli import run; sys.exit(run(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"})
+
+
+def test_quantize_export_and_reload(tiny_with_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model", tiny_with_tokenizer, "--iter", "3", "--nsamples", "4", "--seqlen", "32", "--batch_size", "2",
+            "--dataset", "fortunes", "--output_dir", str(out), "--device", "0", "--disable_eval",
+            "--model_dtype", "fp32", "--fp_layers", "model.layers.1.mlp.down_proj"]
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder = out / f"{os.path.basename(tiny_with_tokenizer)}-w4g128"
+    for f in ("model.safetensors", "config.json", "report.md", "loss.png", "tokenizer.json"):
+        assert (folder / f).is_file(), f
+    assert "loss iter 0" in r.stderr or "blocks" in r.stderr
+    model = load_model(str(folder), dtype="fp32")
+    assert np.isfinite(np.asarray(model(np.array([[5, 6, 7]], np.int32)))).all()
+    again = _cli(*args)  # never overwrite silently
+    assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
+    assert _cli(*args, "--overwrite").returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "5"], "bits 5 is not supported"),
+    (["--model", "/no/such/model"], "not found"),
+    (["--dataset", "/no/such/file.jsonl", "--iters", "2"], "not found"),
+    (["perplexity", "--text", "/no/such/text.txt"], "not found"),
+])
+def test_bad_input_is_one_line(tiny_with_tokenizer, args, message, tmp_path):
+    if "--model" not in args and args[0] != "perplexity":
+        args = ["--model", tiny_with_tokenizer, "--output_dir", str(tmp_path), *args]
+    elif args[0] == "perplexity":
+        args = [*args, "--model", tiny_with_tokenizer]
+    r = _cli(*args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
