@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="quantize the embedded SmolLM2 (RTN and AutoRound), export, compare perplexity")
     _add_model_args(p)
     p.add_argument("--seqlen", type=int, default=1024, help="perplexity window")
-    p.add_argument("--max_tokens", type=int, default=16384, help="perplexity token budget")
+    p.add_argument("--max_tokens", type=int, default=8192, help="perplexity token budget")
     p.add_argument("--group_size", type=int, default=128)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--nsamples", type=int, default=32)

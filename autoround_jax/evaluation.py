@@ -17,10 +17,9 @@ from .models.decoder import CausalLM
 def _window_nll(graphdef, state, ids):
     """Summed next-token NLL of each window [B, T] (positions 1..T-1 are predicted)."""
     model = nnx.merge(graphdef, state)
-    logits = model(ids)[:, :-1]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    return nll.sum(axis=-1)
+    logits = model(ids)[:, :-1].astype(jnp.float32)
+    target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+    return (jax.nn.logsumexp(logits, axis=-1) - target).sum(axis=-1)
 
 
 def token_windows(token_ids, seqlen: int, max_tokens: int | None) -> np.ndarray:

@@ -135,7 +135,7 @@ def _asym_scale(wmin0, wmax0, min_scale, max_scale, bits, scale_dtype):
 
 
 def _quantize_grouped(w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0):
-    """Shared core: (wg, pad, scale [M], zp [M], q [M, G]) with q the clamped unsigned code as a float.
+    """Shared core: (pad, scale [M], zp [M], q [M, G]) with q the clamped unsigned code as a float.
 
     Sym is written as clamp(round(W/s + V) + 2^(b-1), 0, 2^b - 1) - 2^(b-1), which equals the reference's
     clamp(round(W/s + V), -2^(b-1), 2^(b-1) - 1) exactly (integers in float), with the same clamp gradient.
@@ -150,7 +150,7 @@ def _quantize_grouped(w, v, min_scale, max_scale, bits, group_size, sym, scale_d
         wmin0, wmax0, _clip_minmax_scale(min_scale), _clip_minmax_scale(max_scale), bits, scale_dtype
     )
     q = clamp_ste(round_ste(_exact_div(wg, scale[:, None]) + v) + zp[:, None], 0, 2**bits - 1)
-    return wg, pad, scale, zp, q
+    return pad, scale, zp, q
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "scale_dtype"))
@@ -176,7 +176,7 @@ def qdq(
     zp [N, ng] float32 (2^(b-1) for sym)).
     """
     n, k = w.shape
-    wg, pad, scale, zp, q = _quantize_grouped(
+    pad, scale, zp, q = _quantize_grouped(
         w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0
     )
     w_qdq = (scale[:, None] * (q - zp[:, None])).astype(w.dtype)
@@ -230,7 +230,7 @@ def quantize_to_codes(
     8-bit asym bf16 weights, where the reference's stored code then differs by one from its tuning-time q.
     """
     n, k = w.shape
-    wg, pad, scale, zp, q = _quantize_grouped(
+    pad, scale, zp, q = _quantize_grouped(
         w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0
     )
     w_qdq = (scale[:, None] * (q - zp[:, None])).astype(w.dtype)

@@ -72,10 +72,13 @@ def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, 
     TRACE_COUNT["tune"] += 1
     tx_v, tx_s = _sign_sgd(lr, iters), _sign_sgd(minmax_lr, iters)
 
+    # The reference (0.16) leaves each sample's last position out of the loss: it has no next-token target.
+    keep = (jnp.arange(x_q.shape[1]) < x_q.shape[1] - 1).astype(jnp.float32)[None, :, None]
+
     def loss_fn(params, xb, yb):
         block = nnx.merge(graphdef, params[0], params[1], rest)
         out = block(xb, cos, sin, mask)[0]
-        return jnp.mean(jnp.square(out.astype(jnp.float32) - yb.astype(jnp.float32)))
+        return jnp.mean(jnp.square((out.astype(jnp.float32) - yb.astype(jnp.float32)) * keep))
 
     grad_fn = jax.value_and_grad(loss_fn)
 

@@ -1,0 +1,131 @@
+"""Quality and speed against the torch reference (auto-round 0.16.1, CPU), side by side in one run.
+
+Quantizes the embedded SmolLM2 with the reference and with autoround-jax on the same calibration token ids
+(W4G128 sym, iters 50, nsamples 32, seqlen 256, batch 4 by default) and prints held-out perplexity for float, RTN,
+reference and ours (all evaluated by the same JAX forward; the reference export is dequantized by hand, since
+transformers + auto-round cannot load K % G != 0 layers on a CPU), plus seconds per block for both.
+Run: HF_HUB_OFFLINE=1 .venv/bin/python scripts/compare_reference.py [--iters 50] [--eval_tokens 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+
+def dequantize_reference_export(folder: str, src: str, dst: str) -> str:
+    """auto_round:auto_gptq export -> float HF folder: W[n, k] = (q - (qzeros + 1)) * scales[k // G, n]."""
+    from autoround_jax.formats.hf_folder import copy_tokenizer_files
+    from autoround_jax.formats.safetensors_io import load_file, save_file
+    from autoround_jax.quant.pack import unpack_cols, unpack_rows
+
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    q = cfg["quantization_config"]
+    bits, group = q["bits"], q["group_size"]
+    tensors = {}
+    for fname in sorted(os.listdir(folder)):
+        if fname.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(folder, fname)))
+    out = {}
+    for name, arr in tensors.items():
+        if name.endswith(".qweight"):
+            base = name[: -len(".qweight")]
+            scales = tensors[base + ".scales"].astype(np.float32)
+            codes = unpack_rows(arr, bits).astype(np.int64)  # [K, N]
+            zeros = unpack_cols(tensors[base + ".qzeros"], bits).astype(np.int64) + 1  # [ng, N]
+            k = codes.shape[0]
+            g = k if group == -1 else group
+            gi = np.arange(k) // g
+            out[base + ".weight"] = ((codes - zeros[gi]) * scales[gi]).T.astype(np.float32)
+        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+            out[name] = arr.astype(np.float32)
+    os.makedirs(dst, exist_ok=True)
+    save_file(out, os.path.join(dst, "model.safetensors"), {"format": "pt"})
+    src_cfg = json.load(open(os.path.join(src, "config.json")))
+    json.dump(src_cfg, open(os.path.join(dst, "config.json"), "w"))
+    copy_tokenizer_files(src, dst)
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--group_size", type=int, default=128)
+    ap.add_argument("--eval_tokens", type=int, default=8192)
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+    from auto_round import AutoRound as RefAutoRound
+
+    from autoround_jax import load_model, load_tokenizer
+    from autoround_jax.data.calibration import calibration_ids
+    from autoround_jax.data.texts import eval_text
+    from autoround_jax.default_model import default_model_dir
+    from autoround_jax.evaluation import perplexity_of_windows, token_windows
+    from autoround_jax.tuning.autoround import AutoRound
+
+    path = default_model_dir()
+    tok = load_tokenizer(path)
+    ids = calibration_ids("fortunes", tok, args.nsamples, args.seqlen, seed=42)
+    windows = token_windows(tok(eval_text(), add_special_tokens=False)["input_ids"], 1024, args.eval_tokens)
+    ppl = lambda m: perplexity_of_windows(m, windows)  # noqa: E731
+    common = dict(bits=4, group_size=args.group_size, sym=True)
+    results, timing = {}, {}
+
+    results["float"] = ppl(load_model(path, dtype="fp32"))
+    results["RTN"] = ppl(AutoRound(path, tok, iters=0, model_dtype="fp32", progress=False, **common).quantize()[0])
+
+    ours = AutoRound(path, tok, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+                     batch_size=args.batch_size, dataset=ids, model_dtype="fp32", progress=False, **common)
+    cpu0 = time.process_time()
+    model, _ = ours.quantize()
+    ours_cpu = time.process_time() - cpu0
+    secs = [r.seconds for r in ours.reports]
+    timing["ours"] = (statistics.median(secs[1:]), secs[0] - statistics.median(secs[1:]), ours.seconds, ours_cpu)
+    results["autoround-jax"] = ppl(model)
+    del model
+
+    torch.manual_seed(42)
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    data = [torch.from_numpy(row[None].astype(np.int64)) for row in ids]
+    with tempfile.TemporaryDirectory() as tmp:
+        ar = RefAutoRound(ref_model, tokenizer=tok, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+                          batch_size=args.batch_size, dataset=data, device_map="cpu", enable_torch_compile=False,
+                          **common)
+        t0, cpu0 = time.time(), time.process_time()
+        ar.quantize()
+        ref_wall, ref_cpu = time.time() - t0, time.process_time() - cpu0
+        export = os.path.join(tmp, "ref")
+        ar.save_quantized(export, format="auto_round")
+        sub = next((os.path.join(export, d) for d in os.listdir(export) if os.path.isdir(os.path.join(export, d))), export)
+        folder = sub if os.path.isfile(os.path.join(sub, "config.json")) else export
+        results["reference AutoRound"] = ppl(load_model(dequantize_reference_export(folder, path, os.path.join(tmp, "f")), dtype="fp32"))
+    nblocks = ours.config.num_layers
+    timing["reference"] = (ref_wall / nblocks, 0.0, ref_wall, ref_cpu)
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; W4G{args.group_size} sym, iters {args.iters}, "
+          f"{args.nsamples}x{args.seqlen} calibration tokens, batch {args.batch_size}; eval {windows.size} tokens")
+    print("| model | perplexity (held-out fortunes) |\n|---|---|")
+    for k, v in results.items():
+        print(f"| {k} | {v:.3f} |")
+    print("\n| quantizer | s/block (steady) | compile s (first block extra) | wall s | CPU s |\n|---|---|---|---|---|")
+    for k, (per, comp, wall, cpu) in timing.items():
+        print(f"| {k} | {per:.2f} | {comp:.1f} | {wall:.1f} | {cpu:.1f} |")
+    r, o = results["reference AutoRound"], results["autoround-jax"]
+    print(f"\nours vs reference perplexity: {100 * (o / r - 1):+.2f}% (goal <= +1%); "
+          f"speed ratio reference/ours per block: {timing['reference'][0] / timing['ours'][0]:.2f}x (goal >= 2x)")
+
+
+if __name__ == "__main__":
+    main()
