@@ -62,6 +62,9 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--eval_tokens", type=int, default=8192)
+    ap.add_argument("--ref_amp", action="store_true",
+                    help="run the reference with its default bf16 autocast (very slow on CPUs without native bf16); "
+                    "by default it runs in fp32 (amp=False), its fastest setting there, as ours does on a CPU")
     args = ap.parse_args()
 
     import torch
@@ -102,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ar = RefAutoRound(ref_model, tokenizer=tok, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                           batch_size=args.batch_size, dataset=data, device_map="cpu", enable_torch_compile=False,
-                          **common)
+                          amp=args.ref_amp, **common)
         t0, cpu0 = time.time(), time.process_time()
         ar.quantize()
         ref_wall, ref_cpu = time.time() - t0, time.process_time() - cpu0
@@ -114,7 +117,8 @@ def main() -> None:
     nblocks = ours.config.num_layers
     timing["reference"] = (ref_wall / nblocks, 0.0, ref_wall, ref_cpu)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; W4G{args.group_size} sym, iters {args.iters}, "
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; reference amp {'bf16' if args.ref_amp else 'off (fp32)'}; "
+          f"W4G{args.group_size} sym, iters {args.iters}, "
           f"{args.nsamples}x{args.seqlen} calibration tokens, batch {args.batch_size}; eval {windows.size} tokens")
     print("| model | perplexity (held-out fortunes) |\n|---|---|")
     for k, v in results.items():

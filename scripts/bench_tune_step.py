@@ -1,0 +1,112 @@
+"""Milliseconds per SignRound iteration on one SmolLM2 block: autoround-jax's jitted loop vs the reference's step.
+
+Both tune the same block (block 3 of the embedded SmolLM2, all 7 linears W4G128 sym) on the same random
+activations (batch 4 x 256 tokens) in one run. Ours: `tune_block` (all iterations in one jit call; compile time
+reported apart). Reference: auto-round 0.16.1's WrapperLinear-wrapped torch block, forward + backward + SignSGD
+step per iteration, as its quantize_block loop does (bookkeeping excluded).
+Run: HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_tune_step.py [--iters 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=256)
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from autoround_jax.default_model import default_model_dir
+    from autoround_jax.models.decoder import Rotary, causal_mask, default_positions
+    from autoround_jax.models.loading import ModelSource
+    from autoround_jax.tuning.autoround import AutoRound
+    from autoround_jax.tuning.signround import TuneSettings, tune_block
+
+    path = default_model_dir()
+    src = ModelSource(path, dtype="fp32")
+    cfg = src.config
+    rng = np.random.default_rng(0)
+    n, t, d = args.batch * 2, args.seqlen, cfg.hidden_size
+    x = jnp.asarray(rng.standard_normal((n, t, d)).astype(np.float32))
+    pos = default_positions(None, args.batch, t)
+    cos, sin = Rotary(cfg)(pos, jnp.float32)
+    mask = causal_mask(None, args.batch, t)
+
+    ar = AutoRound(path, iters=args.iters, progress=False, model_dtype="fp32")
+    schemes = ar._block_schemes(3)
+
+    def run(iters):
+        block = src.block(3, jnp.float32)
+        y = block(x[: args.batch], cos, sin, mask)[0]
+        y = jnp.concatenate([y, y])
+        ar._to_fake_quant(block, schemes)
+        s = TuneSettings(iters, 1.0 / iters, 1.0 / iters, args.batch, 1, False)
+        t0 = time.perf_counter()
+        tune_block(block, x, y, cos, sin, mask, s, random.Random(0))
+        return time.perf_counter() - t0
+
+    first = run(args.iters)
+    ours = min(run(args.iters) for _ in range(2))
+    ours_ms = 1000 * ours / args.iters
+
+    import torch
+    import transformers
+    from auto_round.wrapper import WrapperLinear
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    block = model.model.layers[3]
+    rotary = model.model.rotary_emb
+    xt = torch.from_numpy(np.asarray(x[: args.batch]))
+    pos_t = torch.arange(t)[None].expand(args.batch, t)
+    pe = rotary(xt, pos_t)
+    with torch.no_grad():
+        yt = block(xt, position_embeddings=pe, attention_mask=None, position_ids=pos_t)
+        yt = yt[0] if isinstance(yt, tuple) else yt
+    params = []
+    for name, mod in list(block.named_modules()):
+        if isinstance(mod, torch.nn.Linear):
+            parent = block.get_submodule(name.rsplit(".", 1)[0])
+            mod.bits, mod.group_size, mod.sym, mod.data_type = 4, 128, True, "int"
+            mod.scale_dtype, mod.act_bits = torch.float16, 16
+            w = WrapperLinear(mod, enable_minmax_tuning=True, enable_norm_bias_tuning=False, device="cpu")
+            setattr(parent, name.rsplit(".", 1)[1], w)
+            params += [w.value, w.min_scale, w.max_scale]
+    from auto_round.algorithms.quantization.sign_round.sign_sgd import SignSGD
+
+    opt = SignSGD(params, lr=1.0 / args.iters, momentum=0)
+    causal = torch.full((t, t), float("-inf")).triu(1)[None, None]
+
+    def step():
+        out = block(xt, position_embeddings=pe, attention_mask=causal, position_ids=pos_t)
+        out = out[0] if isinstance(out, tuple) else out
+        loss = torch.nn.functional.mse_loss(out.float(), yt.float()) * 1000
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    ref_ms = 1000 * (time.perf_counter() - t0) / args.iters
+    print(f"SmolLM2 block, W4G128 sym, batch {args.batch}x{t}, fp32, {args.iters} iterations, torch threads "
+          f"{torch.get_num_threads()}, jax {jax.__version__}")
+    print("| implementation | ms per iteration |\n|---|---|")
+    print(f"| reference (auto-round 0.16.1 WrapperLinear + SignSGD, torch eager fp32) | {ref_ms:.1f} |")
+    print(f"| autoround-jax (one jit call per block) | {ours_ms:.1f} (first call incl. compile: {first:.1f} s) |")
+    print(f"speed ratio reference/ours: {ref_ms / ours_ms:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
