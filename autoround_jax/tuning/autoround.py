@@ -266,18 +266,28 @@ class AutoRound:
         return self.source.model([self.quantized_block(i, dtype) for i in range(self.config.num_layers)], dtype)
 
     def save_quantized(self, output_dir: str = "tmp_autoround", format: str = "fake", overwrite: bool = False) -> str:
-        """Write the quantized model. Formats: "fake" (float HF folder holding the dequantized weights)."""
+        """Write the quantized model. Formats: "fake" (float HF folder holding the dequantized weights),
+        "auto_round", "auto_gptq", "auto_awq" (packed ints, as the reference writes them). A comma list writes one
+        subfolder per format, named as the reference names them (e.g. OUT/auto-round-auto-gptq, OUT/auto-gptq)."""
+        from ..formats.auto_round import EXPORTERS, folder_name, from_autoround
         from ..formats.fake import save_fake
+        from ..formats.hf_folder import atomic_folder
 
         if not self.reports:
             raise ValueError("nothing to save: call quantize() first")
-        formats = {"fake": save_fake}
-        if format not in formats:
-            raise ValueError(
-                f"format {format!r} is not available yet: use 'fake' (the auto_round/auto_gptq/auto_awq exporters "
-                "are not built yet)"
-            )
-        return formats[format](self, output_dir, overwrite)
+        formats = {"fake": save_fake, **EXPORTERS}
+        names = [f.strip() for f in format.split(",") if f.strip()]
+        unknown = [f for f in names if f not in formats]
+        if not names or unknown:
+            raise ValueError(f"unknown format {', '.join(unknown) or format!r}: use one of {', '.join(formats)} "
+                             "or a comma list of them")
+        if len(names) == 1:
+            return formats[names[0]](self, output_dir, overwrite)
+        qm = from_autoround(self)
+        with atomic_folder(output_dir, overwrite) as tmp:
+            for f in names:
+                formats[f](self, os.path.join(tmp, "fake" if f == "fake" else folder_name(qm, f)), False)
+        return os.path.abspath(output_dir)
 
     def write_report(self, folder: str) -> None:
         """report.md (per-block RTN vs tuned loss, timing) and loss.png in the output folder."""
