@@ -154,7 +154,7 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--not_use_best_mse", action="store_true")
     p.add_argument("--disable_amp", action="store_true")
     p.add_argument("--scale_dtype", default="fp16")
-    p.add_argument("--format", "--formats", dest="format", default="fake",
+    p.add_argument("--format", "--formats", dest="format", default="auto_round",
                    help="fake (float folder with quantized values), auto_round, auto_gptq, auto_awq, or a comma list")
     p.add_argument("--output_dir", default="./tmp_autoround")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -200,7 +200,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     ar = AutoRound(path, **kw)
     s = ar.default_scheme
     name = os.path.basename(os.path.normpath(model or path))
-    out = os.path.join(args.output_dir, f"{name}-w{s.bits}g{s.group_size}")
+    suffix = f"g{s.group_size}" if s.group_size > 0 else "a16"  # the reference's folder naming
+    out = os.path.join(args.output_dir, f"{name}-w{s.bits}{suffix}")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:  # fail before hours of tuning
         raise UsageError(f"output folder {out} is not empty: remove it, choose another --output_dir, or pass --overwrite")
     if args.eval and not args.disable_eval:

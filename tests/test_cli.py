@@ -1,5 +1,6 @@
 """The command line end to end on a tiny Qwen3 that borrows SmolLM2's tokenizer; errors are one line, no traceback."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from autoround_jax import load_model
+from autoround_jax import load_quantized
 from tests.tiny_models import build_model, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -36,10 +37,14 @@ def test_quantize_export_and_reload(tiny_with_tokenizer, tmp_path):
     r = _cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     folder = out / f"{os.path.basename(tiny_with_tokenizer)}-w4g128"
-    for f in ("model.safetensors", "config.json", "report.md", "loss.png", "tokenizer.json"):
+    for f in ("model.safetensors", "config.json", "quantization_config.json", "report.md", "loss.png",
+              "tokenizer.json"):
         assert (folder / f).is_file(), f
     assert "loss iter 0" in r.stderr or "blocks" in r.stderr
-    model = load_model(str(folder), dtype="fp32")
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qcfg["packing_format"] == "auto_round:auto_gptq" and qcfg["bits"] == 4  # the default format is auto_round
+    assert qcfg["extra_config"]["model.layers.1.mlp.down_proj"]["bits"] == 16  # --fp_layers
+    model = load_quantized(str(folder), dtype="fp32")
     assert np.isfinite(np.asarray(model(np.array([[5, 6, 7]], np.int32)))).all()
     again = _cli(*args)  # never overwrite silently
     assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr

@@ -254,3 +254,19 @@ def test_cli_parser_does_not_import_lm_eval():
     code = ("import sys; from autoround_jax.cli import build_parser; build_parser(); "
             "assert 'lm_eval' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_quantize_with_eval_writes_the_seeds_table(tiny_dir, tasks_dir, tmp_path, capsys):
+    """`autoround-jax --eval` (as the reference): quantize, export, then lm-eval float and INT4 side by side."""
+    from autoround_jax.cli import run
+
+    out = tmp_path / "q"
+    args = ["--model", tiny_dir, "--iters", "0", "--model_dtype", "fp32", "--output_dir", str(out), "--eval",
+            "--tasks", "tiny_mc", "--include_path", str(tasks_dir), "--eval_bs", "4", "--limit", "4"]
+    assert run(args) == 0
+    folder = next(out.iterdir())
+    table = (folder / "eval.md").read_text().splitlines()
+    assert table[0] == "| Metric | float | INT4 |" and any(r.startswith("| tiny_mc acc |") for r in table)
+    assert json.loads((folder / "eval_quantized.json").read_text())["n-samples"]["tiny_mc"]["effective"] == 4
+    assert "| Metric | float | INT4 |" in capsys.readouterr().out
+    assert run([*args, "--tasks", "no_such_task", "--overwrite"]) == 2  # bad task fails before tuning
