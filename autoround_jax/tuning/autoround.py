@@ -147,10 +147,10 @@ class AutoRound:
         else:
             self.source = ModelSource(model, dtype=model_dtype)
             self.model_path = self.source.path
-            if tokenizer is None:
+            if tokenizer is None and self._has_tokenizer(self.source.path):
                 from ..tokenizer import load_tokenizer
 
-                tokenizer = load_tokenizer(self.source.path)
+                tokenizer = load_tokenizer(self.source.path)  # text calibration needs it; RTN and token ids do not
         self.tokenizer = tokenizer
         self.config = self.source.config
         self.model_dtype = self.source.dtype
@@ -161,6 +161,10 @@ class AutoRound:
         self.quantized: dict[str, QuantizedWeight] = {}
         self.reports: list[BlockReport] = []
         self.seconds = 0.0
+
+    @staticmethod
+    def _has_tokenizer(path: str) -> bool:
+        return any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
     # -- calibration ---------------------------------------------------------------------------------------------
     def _sample_from_model(self, nsamples: int, seqlen: int, seed: int) -> np.ndarray:
