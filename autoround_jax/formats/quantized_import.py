@@ -21,7 +21,7 @@ import numpy as np
 from ..models.config import ModelConfig
 from ..models.decoder import CausalLM, DecoderBlock
 from ..models.layers import FloatWeight, Linear
-from ..models.loading import _IGNORABLE, CheckpointReader, parse_dtype, resolve_model_path
+from ..models.loading import CheckpointReader, check_against, parse_dtype, resolve_model_path
 from ..models.params_table import BLOCK_PREFIX, BLOCK_TENSORS, block_prefix, expected_tensors
 from ..quant.packed_weight import PackedWeight, dequantize_codes
 from ..quant.qdq import QuantizedWeight
@@ -183,20 +183,7 @@ def check_quantized_tensors(reader: CheckpointReader, cfg: ModelConfig, schemes,
     optional = {f"{m}.g_idx": full[f"{m}.weight"][1:] for m, s in schemes.items() if s is not None and gptq}
     if cfg.tie_word_embeddings:
         optional["lm_head.weight"] = want["model.embed_tokens.weight"]
-    shapes = {**optional, **want}
-    have = set(reader.keys())
-    missing = sorted(set(want) - have)
-    unexpected = sorted(k for k in have - set(shapes) if not _IGNORABLE.search(k))
-    bad = [f"{k} {reader.shape(k)} != {shapes[k]}" for k in sorted(have & set(shapes)) if reader.shape(k) != shapes[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-    if bad:
-        problems.append(f"shapes disagree with the config: {'; '.join(bad[:3])}")
-    if problems:
-        raise CheckpointError(f"{reader.path}: checkpoint does not match its config.json: {' | '.join(problems)}")
+    check_against(reader, want, optional)
 
 
 def open_quantized(name_or_path: str) -> QuantizedModel:

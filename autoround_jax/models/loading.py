@@ -108,21 +108,27 @@ class CheckpointReader:
 
 def check_tensors(reader: CheckpointReader, cfg: ModelConfig) -> None:
     """Missing, unexpected or misshapen tensors -> one error listing the first few."""
-    want = expected_tensors(cfg)
+    tied_head = {"lm_head.weight": (cfg.vocab_size, cfg.hidden_size)} if cfg.tie_word_embeddings else {}
+    check_against(reader, expected_tensors(cfg), optional=tied_head)
+
+
+def check_against(reader: CheckpointReader, want: dict, optional: dict | None = None) -> None:
+    """Compare a checkpoint with the expected {name: shape} (plus optional tensors); one error naming the first few
+    missing, unexpected and shape-mismatched tensors. Shared by the float loader and the quantized importer."""
+    shapes = {**(optional or {}), **want}
     have = set(reader.keys())
     missing = sorted(set(want) - have)
-    tied_head = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = sorted(k for k in have - set(want) - tied_head if not _IGNORABLE.search(k))
-    bad = [f"{k} {reader.shape(k)} != {want[k]}" for k in sorted(set(want) & have) if reader.shape(k) != want[k]]
+    unexpected = sorted(k for k in have - set(shapes) if not _IGNORABLE.search(k))
+    bad = [f"{k} {reader.shape(k)} != {shapes[k]}" for k in sorted(have & set(shapes)) if reader.shape(k) != shapes[k]]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
     if bad:
-        problems.append(f"misshapen: {'; '.join(bad[:3])}")
+        problems.append(f"misshapen (shapes disagree with the config): {'; '.join(bad[:3])}")
     if problems:
-        raise CheckpointError(f"{reader.path}: checkpoint does not match config.json: {' | '.join(problems)}")
+        raise CheckpointError(f"{reader.path}: checkpoint does not match its config.json: {' | '.join(problems)}")
 
 
 def read_block_tensors(reader: CheckpointReader, cfg: ModelConfig, i: int) -> dict[str, np.ndarray]:

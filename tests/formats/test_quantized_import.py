@@ -216,7 +216,7 @@ BAD = {
     "missing shard": (_missing_shard, "shard listed in model.safetensors.index.json is missing"),
     "unknown packing": (_config(packing_format="auto_round:fp8_static"),
                         "unknown packing_format 'auto_round:fp8_static'"),
-    "group size": (_config(group_size=64), r"shapes disagree with the config: model.layers.0.mlp.down_proj.qzeros "
+    "group size": (_config(group_size=64), r"shapes disagree with the config\): model.layers.0.mlp.down_proj.qzeros "
                                            r"\(10, 16\) != \(5, 16\)"),
     "bits": (_config(bits=6), "unsupported scheme"),
     "architecture": (_qwen3_config, "missing 4 tensors"),
