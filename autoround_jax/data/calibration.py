@@ -135,8 +135,6 @@ def calibration_ids(
         if sample_from_model is None:
             raise DatasetError("dataset 'self' needs a model to sample from")
         return sample_from_model(nsamples, seqlen, seed)
-    if tokenizer is None:
-        raise DatasetError("text calibration data needs a tokenizer: pass tokenizer=... or a model folder with one")
     if not isinstance(dataset, str):
         sources = [("<list>", {}, list(dataset))]
     else:
@@ -153,6 +151,8 @@ def calibration_ids(
             if name == OFFLINE_DEFAULT:
                 opts.setdefault("concat", "True")  # fortunes are short: join them
             sources.append((name, opts, texts))
+    if tokenizer is None:  # checked after the sources, so a missing file is reported first
+        raise DatasetError("text calibration data needs a tokenizer: pass tokenizer=... or a model folder with one")
     rng = random.Random(seed)
     per_source = []
     for name, opts, texts in sources:
