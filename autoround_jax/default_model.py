@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from autoround_jax.formats.gguf_convert import OutputExistsError, convert_gguf_to_hf
+from autoround_jax.formats.gguf_convert import convert_gguf_to_hf
+from autoround_jax.formats.hf_folder import OutputExistsError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -9,15 +9,13 @@ only, because that loader imports torch.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from autoround_jax.formats.hf_folder import OutputExistsError, atomic_folder  # noqa: F401  (re-exported)
 from autoround_jax.formats.safetensors_io import save_file
 
 SUPPORTED_ARCHITECTURE = "llama"
@@ -43,41 +41,20 @@ _GLOBAL_NAMES = {
 
 
 class GGUFConvertError(ValueError):
-    """The GGUF cannot be converted (corrupt, unsupported) or the output folder is in the way."""
-
-
-class OutputExistsError(GGUFConvertError):
-    """The output folder already holds files and overwrite was not requested."""
+    """The GGUF cannot be converted: corrupt or unsupported."""
 
 
 def convert_gguf_to_hf(gguf_path: str, out_dir: str, *, overwrite: bool = False) -> str:
     """Write `out_dir` as a float32 HF Llama folder built from `gguf_path`; return `out_dir`.
 
-    The folder is assembled in a temporary sibling and renamed into place, so a crash or a concurrent conversion
-    never leaves a half-written `out_dir`.
+    The folder is assembled in a temporary sibling and renamed into place (hf_folder.atomic_folder), so a crash or a
+    concurrent conversion never leaves a half-written `out_dir`.
     """
     out_dir = os.path.abspath(out_dir)
-    _check_output(out_dir, overwrite)
-    reader = _open_gguf(gguf_path)
-    meta = _metadata(reader, gguf_path)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(out_dir) + ".tmp-")
-    try:
-        os.chmod(tmp, 0o755)
-        _write_folder(reader, meta, gguf_path, tmp)
-        _move_into_place(tmp, out_dir, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(out_dir, overwrite) as tmp:  # refuses a non-empty out_dir before the slow work
+        reader = _open_gguf(gguf_path)
+        _write_folder(reader, _metadata(reader, gguf_path), gguf_path, tmp)
     return out_dir
-
-
-def _check_output(out_dir: str, overwrite: bool) -> None:
-    """Refuse early (before the slow work) to clobber a folder the user did not offer."""
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise OutputExistsError(f"{out_dir}: output folder exists and is not empty; remove it or pass overwrite=True")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputExistsError(f"{out_dir}: output path exists and is not a folder; remove it or choose another path")
 
 
 def _open_gguf(path: str) -> Any:
@@ -285,18 +262,3 @@ def _post_processor(meta: dict[str, Any]) -> Any:
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
-def _move_into_place(tmp: str, out_dir: str, overwrite: bool) -> None:
-    """Rename the finished folder to `out_dir`; with overwrite, swap the old one aside first, then delete it."""
-    if overwrite and os.path.isdir(out_dir) and os.listdir(out_dir):
-        old = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=os.path.basename(out_dir) + ".old-")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    try:
-        os.replace(tmp, out_dir)
-    except OSError as e:
-        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another conversion finished first
-            msg = f"{out_dir}: output folder was filled by another process; remove it or pass overwrite=True"
-            raise OutputExistsError(msg) from None
-        raise

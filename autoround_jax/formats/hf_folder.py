@@ -7,6 +7,7 @@ the previous state untouched (at worst a `.tmp-*` sibling).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -30,27 +31,46 @@ class OutputExistsError(ValueError):
 
 @contextlib.contextmanager
 def atomic_folder(out_dir: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temporary folder; on success it replaces out_dir, on failure it is removed."""
+    """Yield a temporary sibling folder; on success it replaces out_dir, on failure it is removed.
+
+    A non-empty out_dir is refused up front (before any slow work) unless overwrite; with overwrite the old folder
+    is swapped aside and deleted only once the new one is in place. If another process fills out_dir meanwhile,
+    OutputExistsError says so and the other process's folder is kept.
+    """
     out_dir = os.path.abspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise OutputExistsError(f"output folder {out_dir} is not empty: remove it, choose another, or pass --overwrite")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputExistsError(f"output path {out_dir} is a file: choose a folder path")
+        raise OutputExistsError(f"output path {out_dir} is a file: remove it or choose a folder path")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise OutputExistsError(
+            f"output folder {out_dir} is not empty: remove it, choose another, or pass --overwrite (overwrite=True)"
+        )
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; an export is an ordinary folder
     try:
         yield tmp
-        if os.path.isdir(out_dir):
-            old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        _move_into_place(tmp, out_dir, overwrite)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: str, out_dir: str, overwrite: bool) -> None:
+    if overwrite and os.path.isdir(out_dir) and os.listdir(out_dir):
+        old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=os.path.dirname(out_dir))
+        os.replace(out_dir, os.path.join(old, "x"))
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        os.replace(tmp, out_dir)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise OutputExistsError(
+                f"output folder {out_dir} was filled by another process: remove it or pass --overwrite (overwrite=True)"
+            ) from None
+        raise
 
 
 def write_sharded(tensors: Iterable[tuple[str, np.ndarray]], folder: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
