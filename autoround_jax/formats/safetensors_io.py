@@ -12,7 +12,7 @@ import json
 import mmap
 import os
 import struct
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -133,8 +133,3 @@ def load_file(path: str) -> dict[str, np.ndarray]:
 def dtype_name(dtype: np.dtype) -> str:
     return _NAMES[np.dtype(dtype)]
 
-
-def iter_names(files: Iterable[SafetensorsFile]) -> Iterable[tuple[str, SafetensorsFile]]:
-    for f in files:
-        for k in f.keys():
-            yield k, f

@@ -18,7 +18,7 @@ from ..formats.safetensors_io import CheckpointError, SafetensorsFile
 from .config import ModelConfig
 from .decoder import CausalLM, DecoderBlock
 from .layers import FloatWeight, Linear
-from .params_table import GLOBAL_TENSORS, block_prefix, expected_block_tensors, expected_tensors
+from .params_table import block_prefix, expected_block_tensors, expected_tensors
 
 _DTYPES = {
     "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
@@ -183,4 +183,4 @@ def load_model(name_or_path: str, dtype="auto") -> CausalLM:
     return ModelSource(name_or_path, dtype).model()
 
 
-__all__ = ["CheckpointReader", "ModelSource", "load_model", "load_block", "resolve_model_path", "GLOBAL_TENSORS"]
+__all__ = ["CheckpointReader", "ModelSource", "load_model", "load_block", "resolve_model_path"]
