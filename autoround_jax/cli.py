@@ -100,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     results = {"float": ppl(fp_model)}
     del fp_model
     common = dict(bits=4, group_size=args.group_size, sym=True, model_dtype="fp32", dataset="fortunes")
-    rtn = AutoRound(path, tok, iters=0, progress=False, **common)
+    rtn = AutoRound(path, tok, iters=0, disable_opt_rtn=True, progress=False, **common)  # plain RTN
     results["RTN"] = ppl(rtn.quantize()[0])
     ar = AutoRound(path, tok, iters=args.iters, nsamples=args.nsamples, seqlen=args.calib_seqlen,
                    batch_size=args.batch_size, **common)
@@ -132,7 +132,8 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("model_pos", nargs="?", default=None, help=argparse.SUPPRESS)
     _add_model_args(p)
     p.set_defaults(model_dtype="auto")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=preset, help="recipe: default, best, light, rtn")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=preset,
+                   help="recipe: default, best, light, rtn (plain RTN), opt-rtn (imatrix RTN)")
     p.add_argument("--scheme", default=None, help="W4A16 (default), W8A16, W3A16, W2A16, W2A16G64, W2A16G32")
     p.add_argument("--bits", type=int, default=None)
     p.add_argument("--group_size", type=int, default=None)
@@ -152,6 +153,11 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--disable_minmax_tuning", action="store_true")
     p.add_argument("--disable_quanted_input", action="store_true")
     p.add_argument("--not_use_best_mse", action="store_true")
+    rtn = p.add_mutually_exclusive_group()  # the reference's RTN group; neither flag: opt-RTN below 8 bits
+    rtn.add_argument("--disable_opt_rtn", dest="disable_opt_rtn", action="store_const", const=True, default=None,
+                     help="iters 0: plain RTN (no calibration data) instead of the imatrix-weighted scale search")
+    rtn.add_argument("--enable_opt_rtn", "--opt_rtn", dest="disable_opt_rtn", action="store_const", const=False,
+                     help="iters 0: opt-RTN (the default below 8 bits), also for 8 bits")
     p.add_argument("--disable_amp", action="store_true")
     p.add_argument("--scale_dtype", default="fp16")
     p.add_argument("--format", "--formats", dest="format", default="auto_round",
@@ -185,6 +191,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         to_quant_block_names=args.to_quant_block_names, enable_minmax_tuning=not args.disable_minmax_tuning,
         enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
         scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, amp=not args.disable_amp, scheme=args.scheme,
+        disable_opt_rtn=pick("disable_opt_rtn"),
     )
     if args.bits is not None:
         kw["bits"] = args.bits
@@ -327,3 +334,7 @@ def main_light() -> None:
 
 def main_rtn() -> None:
     sys.exit(run(preset="rtn"))
+
+
+def main_opt_rtn() -> None:
+    sys.exit(run(preset="opt-rtn"))

@@ -89,7 +89,7 @@ def main() -> None:
             from autoround_jax.default_model import default_model_dir
 
             path = args.model or default_model_dir()
-        ar = AutoRound(path, iters=0, bits=4, group_size=args.group_size, sym=True, model_dtype=args.dtype,
+        ar = AutoRound(path, iters=0, disable_opt_rtn=True, bits=4, group_size=args.group_size, sym=True, model_dtype=args.dtype,
                        progress=False)
         ar.quantize()
         qpath = ar.save_quantized(os.path.join(tmp, "int4"), format="auto_round")

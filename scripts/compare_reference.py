@@ -1,10 +1,12 @@
-"""Quality and speed against the torch reference (auto-round 0.16.1, CPU), side by side in one run.
+"""Quality and speed against the torch reference (auto-round 0.16.1), side by side in one run.
 
 Quantizes the embedded SmolLM2 with the reference and with autoround-jax on the same calibration token ids
-(W4G128 sym, iters 50, nsamples 32, seqlen 256, batch 4 by default) and prints held-out perplexity for float, RTN,
-reference and ours (all evaluated by the same JAX forward; the reference export is dequantized by hand, since
-transformers + auto-round cannot load K % G != 0 layers on a CPU), plus seconds per block for both.
+(W4G128 sym, iters 50, nsamples 32, seqlen 256, batch 4 by default) and prints held-out perplexity for float, plain
+RTN, our opt-RTN, the reference and ours (all evaluated by the same JAX forward; the reference export is dequantized
+by hand, since transformers + auto-round cannot load K % G != 0 layers on a CPU), plus seconds per block for both.
 Run: HF_HUB_OFFLINE=1 .venv/bin/python scripts/compare_reference.py [--iters 50] [--eval_tokens 8192]
+On a GPU machine without the fortunes text or the embedded model (not yet run on one):
+  python scripts/compare_reference.py --device cuda --model HF_FOLDER --speed_only
 """
 
 from __future__ import annotations
@@ -62,10 +64,17 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--eval_tokens", type=int, default=8192)
-    ap.add_argument("--ref_amp", action="store_true",
-                    help="run the reference with its default bf16 autocast (very slow on CPUs without native bf16); "
-                    "by default it runs in fp32 (amp=False), its fastest setting there, as ours does on a CPU")
+    ap.add_argument("--ref_amp", action=argparse.BooleanOptionalAction, default=None,
+                    help="the reference's bf16 autocast (its default). Default here: off on a CPU (fp32, its fastest "
+                    "setting on CPUs without native bf16, as ours runs there), on for cuda (as ours runs there)")
+    ap.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the reference runs; ours runs on JAX's default backend, which must match")
+    ap.add_argument("--speed_only", action="store_true",
+                    help="random calibration token ids and no perplexities (for machines without the fortunes text, "
+                    "or a randomly initialised model)")
     args = ap.parse_args()
+    ref_amp = (args.device == "cuda") if args.ref_amp is None else args.ref_amp
 
     import torch
     import transformers
@@ -78,16 +87,32 @@ def main() -> None:
     from autoround_jax.evaluation import perplexity_of_windows, token_windows
     from autoround_jax.tuning.autoround import AutoRound
 
-    path = default_model_dir()
+    import jax
+
+    backend = jax.default_backend()
+    if (backend == "cpu") != (args.device == "cpu"):
+        raise SystemExit(f"--device {args.device} but JAX runs on {backend}: compare on the same machine kind")
+    path = args.model or default_model_dir()
     tok = load_tokenizer(path)
-    ids = calibration_ids("fortunes", tok, args.nsamples, args.seqlen, seed=42)
-    windows = token_windows(tok(eval_text(), add_special_tokens=False)["input_ids"], 1024, args.eval_tokens)
-    ppl = lambda m: perplexity_of_windows(m, windows)  # noqa: E731
+    if args.speed_only:
+        vocab = json.load(open(os.path.join(path, "config.json")))["vocab_size"]
+        ids = np.random.default_rng(42).integers(0, vocab, (args.nsamples, args.seqlen)).astype(np.int32)
+        ppl = lambda m: float("nan")  # noqa: E731
+    else:
+        ids = calibration_ids("fortunes", tok, args.nsamples, args.seqlen, seed=42)
+        windows = token_windows(tok(eval_text(), add_special_tokens=False)["input_ids"], 1024, args.eval_tokens)
+        ppl = lambda m: perplexity_of_windows(m, windows)  # noqa: E731
     common = dict(bits=4, group_size=args.group_size, sym=True)
     results, timing = {}, {}
 
-    results["float"] = ppl(load_model(path, dtype="fp32"))
-    results["RTN"] = ppl(AutoRound(path, tok, iters=0, model_dtype="fp32", progress=False, **common).quantize()[0])
+    if not args.speed_only:
+        results["float"] = ppl(load_model(path, dtype="fp32"))
+        results["RTN"] = ppl(AutoRound(path, tok, iters=0, disable_opt_rtn=True, model_dtype="fp32", progress=False,
+                                   **common).quantize()[0])
+        # iters=0 as the reference runs it by default: imatrix-weighted scale search on the same calibration ids
+        results["opt-RTN (ours)"] = ppl(AutoRound(path, tok, iters=0, nsamples=args.nsamples, seqlen=args.seqlen,
+                                                  batch_size=args.batch_size, dataset=ids, model_dtype="fp32",
+                                                  progress=False, **common).quantize()[0])
 
     ours = AutoRound(path, tok, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                      batch_size=args.batch_size, dataset=ids, model_dtype="fp32", progress=False, **common)
@@ -101,34 +126,43 @@ def main() -> None:
 
     torch.manual_seed(42)
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    data = [torch.from_numpy(row[None].astype(np.int64)) for row in ids]
-    with tempfile.TemporaryDirectory() as tmp:
-        ar = RefAutoRound(ref_model, tokenizer=tok, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
-                          batch_size=args.batch_size, dataset=data, device_map="cpu", enable_torch_compile=False,
-                          amp=args.ref_amp, **common)
-        t0, cpu0 = time.time(), time.process_time()
-        ar.quantize()
-        ref_wall, ref_cpu = time.time() - t0, time.process_time() - cpu0
-        export = os.path.join(tmp, "ref")
-        ar.save_quantized(export, format="auto_round")
-        sub = next((os.path.join(export, d) for d in os.listdir(export) if os.path.isdir(os.path.join(export, d))), export)
-        folder = sub if os.path.isfile(os.path.join(sub, "config.json")) else export
-        results["reference AutoRound"] = ppl(load_model(dequantize_reference_export(folder, path, os.path.join(tmp, "f")), dtype="fp32"))
+    data = [torch.from_numpy(row[None].astype(np.int64)) for row in np.asarray(ids)]
+    ar = RefAutoRound(ref_model, tokenizer=tok, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+                      batch_size=args.batch_size, dataset=data, device_map=args.device, enable_torch_compile=False,
+                      amp=ref_amp, **common)
+    t0, cpu0 = time.time(), time.process_time()
+    ar.quantize()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    ref_wall, ref_cpu = time.time() - t0, time.process_time() - cpu0
+    if not args.speed_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            export = os.path.join(tmp, "ref")
+            ar.save_quantized(export, format="auto_round")
+            sub = next((os.path.join(export, d) for d in os.listdir(export)
+                        if os.path.isdir(os.path.join(export, d))), export)
+            folder = sub if os.path.isfile(os.path.join(sub, "config.json")) else export
+            dequantized = dequantize_reference_export(folder, path, os.path.join(tmp, "f"))
+            results["reference AutoRound"] = ppl(load_model(dequantized, dtype="fp32"))
     nblocks = ours.config.num_layers
     timing["reference"] = (ref_wall / nblocks, 0.0, ref_wall, ref_cpu)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; reference amp {'bf16' if args.ref_amp else 'off (fp32)'}; "
+    where = jax.devices()[0].device_kind if args.device == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
+    print(f"machine: {where}; reference on {args.device}, amp {'bf16' if ref_amp else 'off (fp32)'}; "
           f"W4G{args.group_size} sym, iters {args.iters}, "
-          f"{args.nsamples}x{args.seqlen} calibration tokens, batch {args.batch_size}; eval {windows.size} tokens")
-    print("| model | perplexity (held-out fortunes) |\n|---|---|")
-    for k, v in results.items():
-        print(f"| {k} | {v:.3f} |")
+          f"{args.nsamples}x{args.seqlen} calibration tokens, batch {args.batch_size}"
+          + ("; random calibration ids, no perplexity" if args.speed_only else f"; eval {windows.size} tokens"))
+    if not args.speed_only:
+        print("| model | perplexity (held-out fortunes) |\n|---|---|")
+        for k, v in results.items():
+            print(f"| {k} | {v:.3f} |")
     print("\n| quantizer | s/block (steady) | compile s (first block extra) | wall s | CPU s |\n|---|---|---|---|---|")
     for k, (per, comp, wall, cpu) in timing.items():
         print(f"| {k} | {per:.2f} | {comp:.1f} | {wall:.1f} | {cpu:.1f} |")
-    r, o = results["reference AutoRound"], results["autoround-jax"]
-    print(f"\nours vs reference perplexity: {100 * (o / r - 1):+.2f}% (goal <= +1%); "
-          f"speed ratio reference/ours per block: {timing['reference'][0] / timing['ours'][0]:.2f}x (goal >= 2x)")
+    if not args.speed_only:
+        r, o = results["reference AutoRound"], results["autoround-jax"]
+        print(f"\nours vs reference perplexity: {100 * (o / r - 1):+.2f}% (goal <= +1%)")
+    print(f"\nspeed ratio reference/ours per block: {timing['reference'][0] / timing['ours'][0]:.2f}x (goal >= 2x)")
 
 
 if __name__ == "__main__":

@@ -66,3 +66,43 @@ def test_bad_input_is_one_line(tiny_with_tokenizer, args, message, tmp_path):
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_opt_rtn_flags_presets_and_console_script():
+    """The reference's RTN group: --disable_opt_rtn / --enable_opt_rtn (alias --opt_rtn), rtn and opt-rtn recipes."""
+    import tomllib
+
+    from autoround_jax.cli import build_quantize_parser
+    from autoround_jax.tuning.autoround import PRESETS
+
+    p = build_quantize_parser()
+    assert p.parse_args([]).disable_opt_rtn is None
+    assert p.parse_args(["--disable_opt_rtn"]).disable_opt_rtn is True
+    assert p.parse_args(["--enable_opt_rtn"]).disable_opt_rtn is False
+    assert p.parse_args(["--opt_rtn"]).disable_opt_rtn is False
+    with pytest.raises(SystemExit):
+        p.parse_args(["--disable_opt_rtn", "--enable_opt_rtn"])
+    assert PRESETS["rtn"]["disable_opt_rtn"] is True and PRESETS["opt-rtn"]["disable_opt_rtn"] is False
+    assert PRESETS["opt-rtn"]["iters"] == PRESETS["rtn"]["iters"] == 0
+    assert build_quantize_parser("opt-rtn").prog == "autoround-jax-opt-rtn"
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts["autoround-jax-opt-rtn"] == "autoround_jax.cli:main_opt_rtn"
+
+
+def test_disable_opt_rtn_keeps_plain_rtn_without_data(tmp_path, capsys):
+    """A folder without a tokenizer: plain RTN (flag or rtn recipe) runs; default iters 0 (opt-RTN) explains."""
+    from autoround_jax.cli import run
+    from autoround_jax.formats.safetensors_io import load_file
+
+    src = save_model(build_model("qwen3_tune", num_layers=1), str(tmp_path / "tiny"))
+    common = ["--model", src, "--bits", "4", "--group_size", "32", "--model_dtype", "fp32", "--format", "fake"]
+    assert run([*common, "--iters", "0", "--disable_opt_rtn", "--output_dir", str(tmp_path / "a")]) == 0
+    assert "plain RTN" in capsys.readouterr().out
+    assert run([*common, "--preset", "rtn", "--output_dir", str(tmp_path / "b")]) == 0
+    a, b = (load_file(str(tmp_path / d / "tiny-w4g32" / "model.safetensors")) for d in ("a", "b"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert run([*common, "--iters", "0", "--dataset", "fortunes", "--output_dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "--disable_opt_rtn" in err and len(err.strip().splitlines()) == 1, err

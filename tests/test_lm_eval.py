@@ -225,8 +225,8 @@ def test_quantized_models_and_markdown_table(jax_lm, tiny_dir, tasks_dir, tmp_pa
     from autoround_jax.eval_cli import load_for_eval
     from autoround_jax.tuning.autoround import AutoRound
 
-    ar = AutoRound(tiny_dir, jax_lm.tokenizer, iters=0, bits=4, group_size=128, model_dtype="fp32",
-                   dataset="fortunes", progress=False)
+    ar = AutoRound(tiny_dir, jax_lm.tokenizer, iters=0, disable_opt_rtn=True, bits=4, group_size=128,
+                   model_dtype="fp32", dataset="fortunes", progress=False)
     qmodel, _ = ar.quantize()
     kw = dict(include_path=tasks_dir, include_defaults=False, bootstrap_iters=0, batch_size=4)
     fp = run_eval(jax_lm.model, jax_lm.tokenizer, "tiny_mc,tiny_roll", **kw)
@@ -261,7 +261,8 @@ def test_quantize_with_eval_writes_the_seeds_table(tiny_dir, tasks_dir, tmp_path
     from autoround_jax.cli import run
 
     out = tmp_path / "q"
-    args = ["--model", tiny_dir, "--iters", "0", "--model_dtype", "fp32", "--output_dir", str(out), "--eval",
+    args = ["--model", tiny_dir, "--iters", "0", "--disable_opt_rtn", "--model_dtype", "fp32",
+            "--output_dir", str(out), "--eval",
             "--tasks", "tiny_mc", "--include_path", str(tasks_dir), "--eval_bs", "4", "--limit", "4"]
     assert run(args) == 0
     folder = next(out.iterdir())

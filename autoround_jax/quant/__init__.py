@@ -1,4 +1,4 @@
-"""Quantizer math (AutoRound int_sym / int_asym qdq) and int32 bit packing; no model knowledge."""
+"""Quantizer math (AutoRound int_sym / int_asym qdq, opt-RTN scale search) and int32 bit packing; no model knowledge."""
 
 from .pack import (
     AWQ_ORDER,
@@ -10,6 +10,7 @@ from .pack import (
     unpack_cols,
     unpack_rows,
 )
+from .opt_rtn import opt_rtn, opt_rtn_qdq, search_scales
 from .qdq import (
     MINMAX_SCALE_BOUND,
     QuantizedWeight,
@@ -38,6 +39,8 @@ __all__ = [
     "group_unreshape",
     "minmax_init",
     "num_groups",
+    "opt_rtn",
+    "opt_rtn_qdq",
     "pack_awq",
     "pack_cols",
     "pack_rows",
@@ -45,6 +48,7 @@ __all__ = [
     "quantize_to_codes",
     "round_ste",
     "rtn",
+    "search_scales",
     "unpack_awq",
     "unpack_cols",
     "unpack_rows",

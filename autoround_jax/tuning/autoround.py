@@ -4,6 +4,8 @@ Order of operations (reference `compress_block`): cache the first block's inputs
 for each block, float targets Y_fp = block(X_fp); tuned inputs X_q are the outputs of the already-quantized
 previous blocks (enable_quanted_input); tune V and the clip scales; keep the best iteration; X_fp <- Y_fp and
 X_q <- block_q(X_q). Only one float block plus the calibration activations are in memory at any time.
+iters=0 is plain RTN (no data) or, by default below 8 bits, opt-RTN: the float blocks run on float inputs to collect
+each linear's imatrix, then an imatrix-weighted scale search (quant/opt_rtn.py) replaces the min/max scale.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ..data.calibration import calibration_ids
+from ..data.calibration import DatasetError, calibration_ids
 from ..models.decoder import CausalLM, DecoderBlock, Rotary, causal_mask, default_positions
 from ..models.layers import FloatWeight
 from ..models.loading import ModelSource, parse_dtype
+from ..quant.opt_rtn import opt_rtn
 from ..quant.qdq import QuantizedWeight, dequantize
 from .fake_quant import FakeQuantWeight, LayerScheme
+from .imatrix import collect_block_imatrix
 from .layer_selection import SCHEMES, resolve_layers
 from .signround import TuneSettings, tune_block
 
@@ -36,8 +40,26 @@ PRESETS = {
     "default": dict(iters=200, nsamples=128, seqlen=2048, batch_size=8),
     "best": dict(iters=1000, nsamples=512, seqlen=2048, batch_size=8),
     "light": dict(iters=50, nsamples=128, seqlen=2048, batch_size=8, lr=5e-3),
-    "rtn": dict(iters=0, nsamples=128, seqlen=2048, batch_size=8),
+    # The reference's auto-round-rtn is plain RTN (disable_opt_rtn) with nsamples 1; auto-round-opt-rtn is opt-RTN.
+    "rtn": dict(iters=0, nsamples=1, seqlen=2048, batch_size=8, disable_opt_rtn=True),
+    "opt-rtn": dict(iters=0, nsamples=128, seqlen=2048, batch_size=8, disable_opt_rtn=False),
 }
+
+
+def resolve_disable_opt_rtn(disable_opt_rtn: bool | None, enable_opt_rtn: bool | None, bits: int) -> bool:
+    """The reference's RTNConfig rule, so iters=0 means the same thing as there.
+
+    enable_opt_rtn=True is disable_opt_rtn=False. None resolves to plain RTN for 8-bit int weights (the reference
+    turns opt-RTN off for W8A16/W8A8 "to improve efficiency"; activations are never quantized here) and to
+    opt-RTN below 8 bits. Only iters=0 reads it.
+    """
+    if enable_opt_rtn:
+        if disable_opt_rtn:
+            raise ValueError("disable_opt_rtn=True contradicts enable_opt_rtn=True: pass only one of them")
+        return False
+    if disable_opt_rtn is None:
+        return bits >= 8
+    return bool(disable_opt_rtn)
 
 
 def default_lr(iters: int, bits: int) -> float:
@@ -115,6 +137,8 @@ class AutoRound:
         model_dtype: str = "auto",
         amp: bool = True,
         scheme: str | None = None,
+        disable_opt_rtn: bool | None = None,
+        enable_opt_rtn: bool | None = None,
         progress: bool = True,
         **unsupported: Any,
     ):
@@ -128,6 +152,7 @@ class AutoRound:
         if iters < 0 or nsamples < 1 or seqlen < 2 or batch_size < 1 or gradient_accumulate_steps < 1:
             raise ValueError("iters must be >= 0 and nsamples, seqlen, batch_size, gradient_accumulate_steps >= 1")
         self.default_scheme = LayerScheme(int(bits), int(group_size), bool(sym))
+        self.disable_opt_rtn = resolve_disable_opt_rtn(disable_opt_rtn, enable_opt_rtn, int(bits))
         self.iters, self.nsamples, self.seqlen = iters, nsamples, seqlen
         self.batch_size = min(batch_size, nsamples)
         self.gradient_accumulate_steps = gradient_accumulate_steps
@@ -159,6 +184,7 @@ class AutoRound:
             to_quant_block_names=to_quant_block_names,
         )
         self.quantized: dict[str, QuantizedWeight] = {}
+        self.imatrix: dict[str, np.ndarray] = {}  # opt-RTN: the collected imatrix of each layer, [in_features]
         self.reports: list[BlockReport] = []
         self.seconds = 0.0
 
@@ -198,25 +224,84 @@ class AutoRound:
             self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(np.asarray, lin.weight.quantized())
             lin.weight = FloatWeight(lin.weight.dequantize().astype(self.compute_dtype))
 
+    @property
+    def opt_rtn(self) -> bool:
+        """Whether iters=0 runs the reference's opt-RTN (imatrix-weighted scale search) rather than plain RTN."""
+        return self.iters == 0 and not self.disable_opt_rtn
+
+    def _uses_opt_rtn(self, scheme: LayerScheme) -> bool:
+        """Opt-RTN exists for sym int only: the reference's iters=0 asym path is the plain int_asym quantizer."""
+        return self.opt_rtn and scheme.sym and scheme.data_type == "int"
+
+    def _needs_imatrix(self) -> bool:
+        """As the reference: the imatrix is collected when the default scheme is sym (and some layer uses it)."""
+        return (self.opt_rtn and self.default_scheme.sym
+                and any(s is not None and self._uses_opt_rtn(s) for s in self.layer_config.values()))
+
     def quantize(self) -> tuple[CausalLM, dict[str, LayerScheme | None]]:
         """Tune every selected block; returns (fake-quant model, layer_config) like the reference."""
         t_start = time.time()
-        if self.iters == 0:
+        if self.iters == 0 and self._needs_imatrix():
+            self._quantize_opt_rtn()
+        elif self.iters == 0:
             self._quantize_rtn()
         else:
             self._quantize_tuned()
         self.seconds = time.time() - t_start
         return self.model(), self.layer_config
 
+    def _rtn_block(self, i: int, block: DecoderBlock, schemes: dict[str, LayerScheme],
+                   imatrix: dict[str, np.ndarray]) -> None:
+        """Quantize one block's layers with iters=0: opt-RTN for sym layers when enabled, else plain RTN."""
+        plain = {}
+        for name, scheme in schemes.items():
+            if not self._uses_opt_rtn(scheme):
+                plain[name] = scheme
+                continue
+            w = _module(block, name).weight.dequantize()
+            qw = opt_rtn(w, imatrix.get(name), scheme.bits, scheme.group_size, self.scale_dtype)
+            self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(np.asarray, qw)
+        if plain:
+            self._to_fake_quant(block, plain)
+            self._finalize(i, block, plain)
+
     def _quantize_rtn(self) -> None:
-        """iters=0: plain RTN needs no calibration data (the reference's model-free route)."""
+        """iters=0 without an imatrix: plain RTN needs no calibration data (the reference's model-free route)."""
         for i in self._progress(range(self.config.num_layers)):
             t0 = time.time()
             schemes = self._block_schemes(i)
             if schemes:
                 block = self.source.block(i, self.compute_dtype)
-                self._to_fake_quant(block, schemes)
-                self._finalize(i, block, schemes)
+                self._rtn_block(i, block, schemes, {})
+            self.reports.append(BlockReport(i, None, None, None, time.time() - t0))
+
+    def _quantize_opt_rtn(self) -> None:
+        """iters=0 with opt-RTN (the reference's OptimizedRTNQuantizer): per block, run the float block on its float
+        inputs while collecting each quantized linear's imatrix, search the scales, and pass the float output on
+        (no quantized-input cascade in this path)."""
+        try:
+            ids = jnp.asarray(self.calibration())
+        except DatasetError as e:
+            raise DatasetError(f"{e} (opt-RTN collects an imatrix from calibration data; pass disable_opt_rtn=True "
+                               "or --disable_opt_rtn for plain RTN without data)") from None
+        bs, t = self.batch_size, self.seqlen
+        positions = default_positions(None, bs, t)
+        cos, sin = Rotary(self.config)(positions, self.compute_dtype)
+        mask = causal_mask(None, bs, t)
+        x = jnp.take(self.source.tensor("model.embed_tokens.weight").astype(self.compute_dtype), ids, axis=0)
+        last = max((i for i in range(self.config.num_layers) if self._block_schemes(i)), default=-1)  # later: no work
+        for i in self._progress(range(self.config.num_layers)):
+            t0 = time.time()
+            schemes = self._block_schemes(i)
+            if i <= last:
+                block = self.source.block(i, self.compute_dtype)
+                probed = [n for n, s in schemes.items() if self._uses_opt_rtn(s)]
+                x, sums = collect_block_imatrix(block, probed, x, cos, sin, mask, bs)
+                imatrix = {n: v / np.float32(ids.shape[0]) for n, v in sums.items()}  # the reference's imatrix_cnt
+                self.imatrix.update({f"model.layers.{i}.{n}": v for n, v in imatrix.items()})
+                if schemes:
+                    self._rtn_block(i, block, schemes, imatrix)
+                jax.block_until_ready(x)
             self.reports.append(BlockReport(i, None, None, None, time.time() - t0))
 
     def _quantize_tuned(self) -> None:
@@ -320,6 +405,12 @@ class AutoRound:
             fig.savefig(os.path.join(folder, "loss.png"), dpi=110)
             plt.close(fig)
 
+    def _rtn_label(self) -> str:
+        if self.iters:
+            return ""
+        opt = any(s is not None and self._uses_opt_rtn(s) for s in self.layer_config.values())
+        return ", opt-RTN" if opt else ", plain RTN"
+
     def summary(self) -> str:
         n_q = sum(s is not None for s in self.layer_config.values())
         n_f = len(self.layer_config) - n_q
@@ -328,7 +419,8 @@ class AutoRound:
         lines = [
             f"quantized {n_q} linear layers, kept {n_f} block linears and lm_head in float "
             f"({self.default_scheme.bits}-bit, group {self.default_scheme.group_size}, "
-            f"{'sym' if self.default_scheme.sym else 'asym'}, iters {self.iters})",
+            f"{'sym' if self.default_scheme.sym else 'asym'}, iters {self.iters}"
+            f"{self._rtn_label()})",
             f"time {self.seconds:.1f} s ({self.seconds / max(len(self.reports), 1):.2f} s per block), "
             f"peak host memory {peak_gb:.2f} GB",
         ]

@@ -17,7 +17,7 @@ VERSION_KEYS = ("autoround_version", "autoround_jax_version")
 
 
 def our_export(src: str, out: str, fmt: str, **kw) -> str:
-    ar = AutoRound(src, tokenizer=object(), iters=0, model_dtype="fp32", progress=False, **kw)
+    ar = AutoRound(src, tokenizer=object(), iters=0, disable_opt_rtn=True, model_dtype="fp32", progress=False, **kw)
     ar.quantize()
     return ar.save_quantized(out, format=fmt)
 
@@ -71,7 +71,7 @@ def test_tuned_export_records_the_reference_settings(tiny_src, reference_folder,
 
 def test_several_formats_write_the_reference_subfolders(tiny_src, tmp_path):
     ar = AutoRound(tiny_src("qwen3_tune"), tokenizer=object(), iters=0, bits=4, group_size=32, sym=False,
-                   model_dtype="fp32", progress=False)
+                   disable_opt_rtn=True, model_dtype="fp32", progress=False)
     ar.quantize()
     out = ar.save_quantized(str(tmp_path / "out"), format="auto_round,auto_gptq,auto_awq,fake")
     assert sorted(os.listdir(out)) == ["auto-awq", "auto-gptq", "auto-round-auto-awq", "fake"]
@@ -93,7 +93,7 @@ def test_asym_4bit_falls_back_to_gptq_layout_where_awq_cannot_pack(tiny_src, tmp
 
 def test_bad_formats_are_one_line_errors(tiny_src, tmp_path):
     ar = AutoRound(tiny_src("qwen3_tune"), tokenizer=object(), iters=0, bits=3, group_size=32, model_dtype="fp32",
-                   progress=False)
+                   disable_opt_rtn=True, progress=False)
     ar.quantize()
     with pytest.raises(ValueError, match="unknown format 'gguf'"):
         ar.save_quantized(str(tmp_path / "a"), format="auto_round,gguf")
@@ -108,7 +108,8 @@ def test_cli_quantize_writes_packed_formats(tiny_src, smollm2_dir, tmp_path, cap
     src = shutil.copytree(tiny_src("qwen3_tune"), str(tmp_path / "tiny"))
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(smollm2_dir, f), src)
-    args = ["--model", src, "--iters", "0", "--bits", "4", "--group_size", "32", "--model_dtype", "fp32",
+    args = ["--model", src, "--iters", "0", "--disable_opt_rtn", "--bits", "4", "--group_size", "32",
+            "--model_dtype", "fp32",
             "--format", "auto_round,auto_gptq", "--output_dir", str(tmp_path / "out")]
     assert run(args) == 0
     out = tmp_path / "out" / "tiny-w4g32"

@@ -57,7 +57,7 @@ def test_distinct_block_shapes_compile_separately(folder, ids):
 
 def test_fp_layers_and_block_selection(folder, ids):
     ar = AutoRound(folder, dataset=ids, fp_layers="model.layers.1.mlp", to_quant_block_names="model.layers",
-                   **{**SMALL, "iters": 0})
+                   disable_opt_rtn=True, **{**SMALL, "iters": 0})
     ar.quantize()
     assert ar.layer_config["model.layers.1.mlp.up_proj"] is None
     assert ar.layer_config["model.layers.1.self_attn.q_proj"] is not None
@@ -68,7 +68,7 @@ def test_rtn_iters0_equals_plain_rtn(folder, ids):
     from autoround_jax.models.loading import CheckpointReader
     from autoround_jax.quant import rtn
 
-    ar = _run(folder, ids, iters=0)
+    ar = _run(folder, ids, iters=0, disable_opt_rtn=True)
     w = CheckpointReader(folder).get("model.layers.0.self_attn.o_proj.weight")
     ref = rtn(np.asarray(w), 4, 128, True)
     got = ar.quantized["model.layers.0.self_attn.o_proj"]
