@@ -101,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     del fp_model
     common = dict(bits=4, group_size=args.group_size, sym=True, model_dtype="fp32", dataset="fortunes")
     rtn = AutoRound(path, tok, iters=0, disable_opt_rtn=True, progress=False, **common)  # plain RTN
-    results["RTN"] = ppl(rtn.quantize()[0])
+    results["plain RTN"] = ppl(rtn.quantize()[0])
     ar = AutoRound(path, tok, iters=args.iters, nsamples=args.nsamples, seqlen=args.calib_seqlen,
                    batch_size=args.batch_size, **common)
     tuned, _ = ar.quantize()

@@ -2,7 +2,7 @@
 
 Quantizes the embedded SmolLM2 with the reference and with autoround-jax on the same calibration token ids
 (W4G128 sym, iters 50, nsamples 32, seqlen 256, batch 4 by default) and prints held-out perplexity for float, plain
-RTN, our opt-RTN, the reference and ours (all evaluated by the same JAX forward; the reference export is dequantized
+RTN, opt-RTN (iters 0) of both, the reference's AutoRound and ours (all evaluated by the same JAX forward; the reference export is dequantized
 by hand, since transformers + auto-round cannot load K % G != 0 layers on a CPU), plus seconds per block for both.
 Run: HF_HUB_OFFLINE=1 .venv/bin/python scripts/compare_reference.py [--iters 50] [--eval_tokens 8192]
 On a GPU machine without the fortunes text or the embedded model (not yet run on one):
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where the reference runs; ours runs on JAX's default backend, which must match")
+    ap.add_argument("--skip_opt_rtn", action="store_true", help="skip the iters=0 (opt-RTN) runs of both")
     ap.add_argument("--speed_only", action="store_true",
                     help="random calibration token ids and no perplexities (for machines without the fortunes text, "
                     "or a randomly initialised model)")
@@ -109,33 +110,31 @@ def main() -> None:
         results["float"] = ppl(load_model(path, dtype="fp32"))
         results["RTN"] = ppl(AutoRound(path, tok, iters=0, disable_opt_rtn=True, model_dtype="fp32", progress=False,
                                    **common).quantize()[0])
-        # iters=0 as the reference runs it by default: imatrix-weighted scale search on the same calibration ids
-        results["opt-RTN (ours)"] = ppl(AutoRound(path, tok, iters=0, nsamples=args.nsamples, seqlen=args.seqlen,
-                                                  batch_size=args.batch_size, dataset=ids, model_dtype="fp32",
-                                                  progress=False, **common).quantize()[0])
 
-    ours = AutoRound(path, tok, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
-                     batch_size=args.batch_size, dataset=ids, model_dtype="fp32", progress=False, **common)
-    cpu0 = time.process_time()
-    model, _ = ours.quantize()
-    ours_cpu = time.process_time() - cpu0
-    secs = [r.seconds for r in ours.reports]
-    timing["ours"] = (statistics.median(secs[1:]), secs[0] - statistics.median(secs[1:]), ours.seconds, ours_cpu)
-    results["autoround-jax"] = ppl(model)
-    del model
+    def run_ours(iters: int) -> tuple[float, AutoRound, float]:
+        """(perplexity, the quantizer, CPU seconds) for one of our runs on the shared calibration ids."""
+        ar = AutoRound(path, tok, iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
+                       batch_size=args.batch_size, dataset=ids, model_dtype="fp32", progress=False, **common)
+        cpu0 = time.process_time()
+        model, _ = ar.quantize()
+        cpu = time.process_time() - cpu0
+        return ppl(model), ar, cpu
 
-    torch.manual_seed(42)
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    data = [torch.from_numpy(row[None].astype(np.int64)) for row in np.asarray(ids)]
-    ar = RefAutoRound(ref_model, tokenizer=tok, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
-                      batch_size=args.batch_size, dataset=data, device_map=args.device, enable_torch_compile=False,
-                      amp=ref_amp, **common)
-    t0, cpu0 = time.time(), time.process_time()
-    ar.quantize()
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    ref_wall, ref_cpu = time.time() - t0, time.process_time() - cpu0
-    if not args.speed_only:
+    def run_reference(iters: int) -> tuple[float, float, float]:
+        """(perplexity, wall s, CPU s) for the reference on the same ids; iters=0 is its default opt-RTN."""
+        torch.manual_seed(42)
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        data = [torch.from_numpy(row[None].astype(np.int64)) for row in np.asarray(ids)]
+        ar = RefAutoRound(ref_model, tokenizer=tok, iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
+                          batch_size=args.batch_size, dataset=data, device_map=args.device, enable_torch_compile=False,
+                          amp=ref_amp, **common)
+        t0, cpu0 = time.time(), time.process_time()
+        ar.quantize()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        wall, cpu = time.time() - t0, time.process_time() - cpu0
+        if args.speed_only:
+            return float("nan"), wall, cpu
         with tempfile.TemporaryDirectory() as tmp:
             export = os.path.join(tmp, "ref")
             ar.save_quantized(export, format="auto_round")
@@ -143,9 +142,19 @@ def main() -> None:
                         if os.path.isdir(os.path.join(export, d))), export)
             folder = sub if os.path.isfile(os.path.join(sub, "config.json")) else export
             dequantized = dequantize_reference_export(folder, path, os.path.join(tmp, "f"))
-            results["reference AutoRound"] = ppl(load_model(dequantized, dtype="fp32"))
-    nblocks = ours.config.num_layers
-    timing["reference"] = (ref_wall / nblocks, 0.0, ref_wall, ref_cpu)
+            return ppl(load_model(dequantized, dtype="fp32")), wall, cpu
+
+    if not args.skip_opt_rtn:  # iters=0 as both run it by default: the imatrix-weighted scale search
+        results["opt-RTN (ours)"], ar0, cpu = run_ours(0)
+        timing["opt-RTN ours"] = (ar0.seconds / ar0.config.num_layers, 0.0, ar0.seconds, cpu)
+        results["opt-RTN (reference)"], wall, cpu = run_reference(0)
+        timing["opt-RTN reference"] = (wall / ar0.config.num_layers, 0.0, wall, cpu)
+
+    results["autoround-jax"], ours, ours_cpu = run_ours(args.iters)
+    secs = [r.seconds for r in ours.reports]
+    timing["ours"] = (statistics.median(secs[1:]), secs[0] - statistics.median(secs[1:]), ours.seconds, ours_cpu)
+    results["reference AutoRound"], ref_wall, ref_cpu = run_reference(args.iters)
+    timing["reference"] = (ref_wall / ours.config.num_layers, 0.0, ref_wall, ref_cpu)
 
     where = jax.devices()[0].device_kind if args.device == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
     print(f"machine: {where}; reference on {args.device}, amp {'bf16' if ref_amp else 'off (fp32)'}; "
@@ -162,6 +171,10 @@ def main() -> None:
     if not args.speed_only:
         r, o = results["reference AutoRound"], results["autoround-jax"]
         print(f"\nours vs reference perplexity: {100 * (o / r - 1):+.2f}% (goal <= +1%)")
+    if "opt-RTN ours" in timing and not args.speed_only:
+        r0, o0 = results["opt-RTN (reference)"], results["opt-RTN (ours)"]
+        print(f"opt-RTN (iters 0): ours vs reference perplexity {100 * (o0 / r0 - 1):+.2f}%, wall-time ratio "
+              f"reference/ours {timing['opt-RTN reference'][2] / timing['opt-RTN ours'][2]:.2f}x")
     print(f"\nspeed ratio reference/ours per block: {timing['reference'][0] / timing['ours'][0]:.2f}x (goal >= 2x)")
 
 
