@@ -280,15 +280,11 @@ class AutoRound:
         inputs while collecting each quantized linear's imatrix, search the scales, and pass the float output on
         (no quantized-input cascade in this path)."""
         try:
-            ids = jnp.asarray(self.calibration())
+            x, cos, sin, mask = self._block_inputs()
         except DatasetError as e:
             raise DatasetError(f"{e} (opt-RTN collects an imatrix from calibration data; pass disable_opt_rtn=True "
                                "or --disable_opt_rtn for plain RTN without data)") from None
-        bs, t = self.batch_size, self.seqlen
-        positions = default_positions(None, bs, t)
-        cos, sin = Rotary(self.config)(positions, self.compute_dtype)
-        mask = causal_mask(None, bs, t)
-        x = jnp.take(self.source.tensor("model.embed_tokens.weight").astype(self.compute_dtype), ids, axis=0)
+        bs, nsamples = self.batch_size, x.shape[0]
         last = max((i for i in range(self.config.num_layers) if self._block_schemes(i)), default=-1)  # later: no work
         for i in self._progress(range(self.config.num_layers)):
             t0 = time.time()
@@ -297,21 +293,26 @@ class AutoRound:
                 block = self.source.block(i, self.compute_dtype)
                 probed = [n for n, s in schemes.items() if self._uses_opt_rtn(s)]
                 x, sums = collect_block_imatrix(block, probed, x, cos, sin, mask, bs)
-                imatrix = {n: v / np.float32(ids.shape[0]) for n, v in sums.items()}  # the reference's imatrix_cnt
+                imatrix = {n: v / np.float32(nsamples) for n, v in sums.items()}  # the reference's imatrix_cnt
                 self.imatrix.update({f"model.layers.{i}.{n}": v for n, v in imatrix.items()})
                 if schemes:
                     self._rtn_block(i, block, schemes, imatrix)
                 jax.block_until_ready(x)
             self.reports.append(BlockReport(i, None, None, None, time.time() - t0))
 
-    def _quantize_tuned(self) -> None:
+    def _block_inputs(self):
+        """(first block's inputs [nsamples, T, D] from the calibration ids, cos, sin, mask for batch_size rows)."""
         ids = jnp.asarray(self.calibration())
-        rng = random.Random(self.seed)
-        bs, t = self.batch_size, self.seqlen
-        positions = default_positions(None, bs, t)
+        positions = default_positions(None, self.batch_size, self.seqlen)
         cos, sin = Rotary(self.config)(positions, self.compute_dtype)
-        mask = causal_mask(None, bs, t)
-        x_fp = jnp.take(self.source.tensor("model.embed_tokens.weight").astype(self.compute_dtype), ids, axis=0)
+        mask = causal_mask(None, self.batch_size, self.seqlen)
+        x = jnp.take(self.source.tensor("model.embed_tokens.weight").astype(self.compute_dtype), ids, axis=0)
+        return x, cos, sin, mask
+
+    def _quantize_tuned(self) -> None:
+        x_fp, cos, sin, mask = self._block_inputs()
+        rng = random.Random(self.seed)
+        bs = self.batch_size
         x_q = x_fp
         settings = TuneSettings(self.iters, self.lr, self.minmax_lr, bs, self.gradient_accumulate_steps,
                                 self.not_use_best_mse)
