@@ -9,7 +9,6 @@ scheme implies, so a checkpoint that disagrees with its config fails with one li
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from ..models.config import ModelConfig
 from ..models.decoder import CausalLM, DecoderBlock
 from ..models.layers import FloatWeight, Linear
 from ..models.loading import CheckpointReader, check_against, parse_dtype, resolve_model_path
-from ..models.params_table import BLOCK_PREFIX, BLOCK_TENSORS, block_prefix, expected_tensors
+from ..models.params_table import BLOCK_PREFIX, BLOCK_TENSORS, block_prefix, expected_tensors, module_at
 from ..quant.packed_weight import PackedWeight, dequantize_codes
 from ..quant.qdq import QuantizedWeight
 from ..tuning.fake_quant import LayerScheme
@@ -204,10 +203,6 @@ def open_quantized(name_or_path: str) -> QuantizedModel:
                           PackedLayers(reader, packing, schemes), settings, path, block)
 
 
-def _module(root, dotted: str):
-    return functools.reduce(getattr, dotted.split("."), root)
-
-
 def _block(qm: QuantizedModel, i: int, dtype, backend: str) -> DecoderBlock:
     """Block i with float tensors loaded and every quantized linear holding a PackedWeight."""
     p = block_prefix(i)
@@ -220,7 +215,7 @@ def _block(qm: QuantizedModel, i: int, dtype, backend: str) -> DecoderBlock:
             tensors[spec.name] = np.zeros((0, 0), np.float32) if packed else qm.reader.get(p + spec.name)
     block = DecoderBlock(qm.config, tensors, dtype)
     for name in quantized:
-        _module(block, name).weight = PackedWeight.from_quantized(qm.quantized[p + name], backend)
+        module_at(block, name).weight = PackedWeight.from_quantized(qm.quantized[p + name], backend)
     return block
 
 

@@ -8,6 +8,7 @@ a tensor is its HF name without the leading "model." (the NNX attributes mirror 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 from .config import ModelConfig
@@ -61,6 +62,11 @@ def _block_tensors() -> tuple[TensorSpec, ...]:
 
 
 BLOCK_TENSORS: tuple[TensorSpec, ...] = _block_tensors()
+
+
+def module_at(root, dotted: str):
+    """The submodule at a table path such as "self_attn.q_proj" (module names mirror HF tensor names)."""
+    return functools.reduce(getattr, dotted.split("."), root)
 
 
 def block_prefix(i: int) -> str:

@@ -29,12 +29,13 @@ from ..data.calibration import DatasetError, calibration_ids
 from ..models.decoder import CausalLM, DecoderBlock, Rotary, causal_mask, default_positions
 from ..models.layers import FloatWeight
 from ..models.loading import ModelSource, parse_dtype
+from ..models.params_table import module_at
 from ..quant.opt_rtn import opt_rtn
 from ..quant.qdq import QuantizedWeight, dequantize
 from .fake_quant import FakeQuantWeight, LayerScheme
 from .imatrix import collect_block_imatrix
 from .layer_selection import SCHEMES, resolve_layers
-from .signround import TuneSettings, tune_block
+from .signround import TuneSettings, padded_chunks, tune_block
 
 PRESETS = {
     "default": dict(iters=200, nsamples=128, seqlen=2048, batch_size=8),
@@ -69,13 +70,6 @@ def default_lr(iters: int, bits: int) -> float:
     return (2.0 if iters >= 1000 and bits <= 3 else 1.0) / iters
 
 
-def _module(block: nnx.Module, dotted: str):
-    m = block
-    for part in dotted.split("."):
-        m = getattr(m, part)
-    return m
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _apply(graphdef, state, x, cos, sin, mask):
     return nnx.merge(graphdef, state)(x, cos, sin, mask)[0]
@@ -84,15 +78,8 @@ def _apply(graphdef, state, x, cos, sin, mask):
 def apply_block(block: nnx.Module, x: jax.Array, cos, sin, mask, batch_size: int) -> jax.Array:
     """block(x) over [n, T, D] in chunks of batch_size rows (the last chunk padded to keep one compiled shape)."""
     graphdef, state = nnx.split(block)
-    n = x.shape[0]
-    outs = []
-    for i in range(0, n, batch_size):
-        chunk = x[i : i + batch_size]
-        short = batch_size - chunk.shape[0]
-        if short:
-            chunk = jnp.concatenate([chunk, jnp.zeros((short,) + chunk.shape[1:], chunk.dtype)])
-        outs.append(_apply(graphdef, state, chunk, cos, sin, mask)[: batch_size - short])
-    return jnp.concatenate(outs)
+    return jnp.concatenate([_apply(graphdef, state, chunk, cos, sin, mask)[:valid]
+                            for chunk, valid in padded_chunks(x, batch_size)])
 
 
 @dataclasses.dataclass
@@ -214,13 +201,13 @@ class AutoRound:
 
     def _to_fake_quant(self, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
         for name, scheme in schemes.items():
-            lin = _module(block, name)
+            lin = module_at(block, name)
             lin.weight = FakeQuantWeight(lin.weight.w[...], scheme, self.scale_dtype, self.enable_minmax_tuning)
 
     def _finalize(self, i: int, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
         """Record integer codes and turn the fake-quant leaves back into float (qdq) weights."""
         for name in schemes:
-            lin = _module(block, name)
+            lin = module_at(block, name)
             self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(np.asarray, lin.weight.quantized())
             lin.weight = FloatWeight(lin.weight.dequantize().astype(self.compute_dtype))
 
@@ -258,7 +245,7 @@ class AutoRound:
             if not self._uses_opt_rtn(scheme):
                 plain[name] = scheme
                 continue
-            w = _module(block, name).weight.dequantize()
+            w = module_at(block, name).weight.dequantize()
             qw = opt_rtn(w, imatrix.get(name), scheme.bits, scheme.group_size, self.scale_dtype)
             self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(np.asarray, qw)
         if plain:
@@ -347,7 +334,7 @@ class AutoRound:
         prefix = f"model.layers.{i}."
         for name, qw in self.quantized.items():
             if name.startswith(prefix):
-                lin = _module(block, name[len(prefix):])
+                lin = module_at(block, name[len(prefix):])
                 lin.weight = FloatWeight(dequantize(qw).astype(dtype))
         return block
 

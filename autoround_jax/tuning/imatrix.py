@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..models.params_table import module_at
+from .signround import padded_chunks
+
 
 class SquaredInputs(nnx.Variable):
     """Per-sample sum over tokens of x^2 [B, K] (fp32), overwritten by each forward."""
@@ -42,18 +45,11 @@ class ImatrixProbe(nnx.Module):
         return self.inner(x)
 
 
-def _module(block: nnx.Module, dotted: str):
-    m = block
-    for part in dotted.split("."):
-        m = getattr(m, part)
-    return m
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "names"))
 def _apply_probed(graphdef, state, x, cos, sin, mask, *, names):
     block = nnx.merge(graphdef, state)
     y = block(x, cos, sin, mask)[0]
-    return y, {n: _module(block, n).weight.x2[...] for n in names}
+    return y, {n: module_at(block, n).weight.x2[...] for n in names}
 
 
 def collect_block_imatrix(
@@ -62,23 +58,19 @@ def collect_block_imatrix(
     """Run block(x) over [n, T, D] in batch_size chunks; returns (output, {linear name: sum of x^2 [K] over all
     samples and tokens}). Divide by n for the reference's imatrix. The block is left as it was."""
     names = tuple(names)
-    inner = {n: _module(block, n).weight for n in names}
+    inner = {n: module_at(block, n).weight for n in names}
     for n in names:
-        _module(block, n).weight = ImatrixProbe(inner[n], batch_size)
+        module_at(block, n).weight = ImatrixProbe(inner[n], batch_size)
     try:
         graphdef, state = nnx.split(block)
-        total = {n: jnp.zeros((_module(block, n).weight.shape[1],), jnp.float32) for n in names}
+        total = {n: jnp.zeros((module_at(block, n).weight.shape[1],), jnp.float32) for n in names}
         outs = []
-        for i in range(0, x.shape[0], batch_size):
-            chunk = x[i : i + batch_size]
-            valid = chunk.shape[0]
-            if valid < batch_size:  # keep one compiled shape; the padded rows are not counted
-                chunk = jnp.concatenate([chunk, jnp.zeros((batch_size - valid,) + chunk.shape[1:], chunk.dtype)])
+        for chunk, valid in padded_chunks(x, batch_size):  # the padded rows are not counted
             y, sums = _apply_probed(graphdef, state, chunk, cos, sin, mask, names=names)
             outs.append(y[:valid])
             for n in names:
                 total[n] = total[n] + jnp.sum(sums[n][:valid], axis=0)
     finally:
         for n in names:
-            _module(block, n).weight = inner[n]
+            module_at(block, n).weight = inner[n]
     return jnp.concatenate(outs), {n: np.asarray(v) for n, v in total.items()}

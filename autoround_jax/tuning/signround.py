@@ -56,6 +56,17 @@ def sample_indices(nsamples: int, global_batch: int, iters: int, rng: random.Ran
     return np.asarray(out, np.int32).reshape(iters, global_batch)
 
 
+def padded_chunks(x: jax.Array, batch_size: int):
+    """Yield (chunk [batch_size, ...], valid rows) over x's rows; the last chunk is zero-padded so that one compiled
+    shape serves every chunk."""
+    for i in range(0, x.shape[0], batch_size):
+        chunk = x[i : i + batch_size]
+        valid = chunk.shape[0]
+        if valid < batch_size:
+            chunk = jnp.concatenate([chunk, jnp.zeros((batch_size - valid,) + chunk.shape[1:], chunk.dtype)])
+        yield chunk, valid
+
+
 def _sign_sgd(lr, iters: int) -> optax.GradientTransformation:
     """p <- p - lr * (1 - t/iters) * sign(g), the reference's SignSGD with LinearLR(1 -> 0)."""
     return optax.chain(optax.scale_by_sign(), optax.scale_by_schedule(lambda t: -lr * (1.0 - t / iters)))
