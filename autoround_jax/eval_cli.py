@@ -48,6 +48,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="few-shot examples as chat turns (default: on with --apply_chat_template)")
     p.add_argument("--system_instruction", default=None)
     p.add_argument("--max_length", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--gen_kwargs", default=None,
+                   help='generation settings for generate_until tasks, e.g. "max_gen_toks=64,temperature=0"')
+    p.add_argument("--log_samples", action="store_true",
+                   help="write each document's prompt, response and score beside --output_path")
     p.add_argument("--seed", type=parse_seed, default=parse_seed(DEFAULT_SEED), help=f"default {DEFAULT_SEED}")
     p.set_defaults(func=cmd_eval)
     return p
@@ -87,8 +91,14 @@ def evaluate_lm(
     system_instruction: str | None = None,
     seed: Sequence[int | None] = (0, 1234, 1234, 1234),
     bootstrap_iters: int = 100000,
+    gen_kwargs: str | dict | None = None,
+    log_samples: bool = False,
 ) -> dict:
-    """lm_eval.simple_evaluate on any lm-eval LM (ours or lm-eval's own), with the CLI's task and chat rules."""
+    """lm_eval.simple_evaluate on any lm-eval LM (ours or lm-eval's own), with the CLI's task and chat rules.
+
+    gen_kwargs: lm-eval's override of every generate_until task's generation settings ("max_gen_toks=64,until=x"
+    or a dict). log_samples: keep each document's prompt, response and score under results["samples"].
+    """
     from lm_eval import simple_evaluate
 
     tm, names = resolve_tasks(tasks, include_path, include_defaults)
@@ -102,7 +112,8 @@ def evaluate_lm(
         model=lm, tasks=names, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
         batch_size=getattr(lm, "batch_size", None),
         apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
-        system_instruction=system_instruction, bootstrap_iters=bootstrap_iters, log_samples=False,
+        system_instruction=system_instruction, bootstrap_iters=bootstrap_iters, log_samples=log_samples,
+        gen_kwargs=gen_kwargs,
         random_seed=seed[0], numpy_random_seed=seed[1], torch_random_seed=seed[2], fewshot_random_seed=seed[3],
     )
 
@@ -148,13 +159,23 @@ def _cell(value) -> str:
 
 
 def write_results(results: dict, output_path: str) -> str:
-    """lm-eval's results JSON at output_path (a .json file, else output_path/results.json)."""
+    """lm-eval's results JSON at output_path (a .json file, else output_path/results.json).
+
+    Logged samples (results["samples"], from log_samples) go beside it, one `samples_<task>.jsonl` per task (one
+    document per line, as lm-eval writes them), not into the results JSON.
+    """
     from lm_eval.utils import handle_non_serializable
 
     path = output_path if output_path.endswith(".json") else os.path.join(output_path, "results.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    samples = results.get("samples") or {}
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        json.dump({k: v for k, v in results.items() if k != "samples"}, f, indent=2,
+                  default=handle_non_serializable, ensure_ascii=False)
+    for task, docs in samples.items():
+        with open(os.path.join(folder, f"samples_{task}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(d, default=handle_non_serializable, ensure_ascii=False) + "\n" for d in docs)
     return path
 
 
@@ -162,6 +183,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from lm_eval.utils import make_table
 
     t0 = time.time()
+    if args.log_samples and not args.output_path:
+        raise ValueError("--log_samples needs --output_path (where the samples files go)")
     resolve_tasks(args.tasks, args.include_path)  # fail on a bad task name before loading the model
     if args.model:
         path = args.model
@@ -174,6 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         model, tok, args.tasks, batch_size=args.eval_bs, max_length=args.max_length, limit=args.limit,
         num_fewshot=args.num_fewshot, include_path=args.include_path, apply_chat_template=args.apply_chat_template,
         fewshot_as_multiturn=args.fewshot_as_multiturn, system_instruction=args.system_instruction, seed=args.seed,
+        gen_kwargs=args.gen_kwargs, log_samples=args.log_samples,
     )
     print(f"{path} ({args.model_dtype}), limit: {args.limit}, num_fewshot: {args.num_fewshot}, "
           f"batch_size: {args.eval_bs}")

@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from autoround_jax.eval_cli import evaluate_lm, results_markdown, run_eval  # noqa: E402
+from autoround_jax.eval_cli import evaluate_lm, results_markdown, run_eval, write_results  # noqa: E402
 from autoround_jax.generation import generate_ids  # noqa: E402
 from autoround_jax.lm_eval_model import JaxLM, bucket  # noqa: E402
 
@@ -195,6 +195,27 @@ def test_limit_and_eval_bs(jax_lm, tasks_dir):
     b = run_eval(jax_lm.model, jax_lm.tokenizer, "tiny_mc", batch_size=8, **kw)
     assert a["n-samples"]["tiny_mc"] == {"original": len(MC_DOCS), "effective": 3}
     assert a["results"]["tiny_mc"] == b["results"]["tiny_mc"]
+
+
+def test_gen_kwargs_and_log_samples_like_hf_model(jax_lm, hf_lm, tasks_dir, tmp_path, capsys):
+    """--gen_kwargs overrides the task's generation settings and --log_samples keeps every response, as lm-eval's hf
+    model does; the samples go to samples_<task>.jsonl beside the results JSON, not into it."""
+    from autoround_jax.cli import run
+
+    kw = dict(include_path=tasks_dir, include_defaults=False, bootstrap_iters=0, gen_kwargs="max_gen_toks=3",
+              log_samples=True)
+    ours, ref = evaluate_lm(jax_lm, "tiny_gen", **kw), evaluate_lm(hf_lm, "tiny_gen", **kw)
+    assert ours["configs"]["tiny_gen"]["generation_kwargs"]["max_gen_toks"] == 3
+    responses = lambda r: [d["resps"] for d in r["samples"]["tiny_gen"]]  # noqa: E731
+    assert len(responses(ours)) == len(QUESTIONS) and responses(ours) == responses(ref)
+    path = write_results(ours, str(tmp_path / "out"))
+    assert "samples" not in json.loads(open(path).read())
+    lines = (tmp_path / "out" / "samples_tiny_gen.jsonl").read_text().splitlines()
+    assert [json.loads(line)["resps"] for line in lines] == responses(ours)
+    capsys.readouterr()  # drop the progress bars so far
+    assert run(["eval", "--tasks", "tiny_gen", "--include_path", tasks_dir, "--log_samples"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "autoround-jax: error: --log_samples needs --output_path (where the samples files go)")
 
 
 def test_missing_task_is_a_clear_error(tasks_dir):
