@@ -87,6 +87,18 @@ def test_matches_dequantized_matmul(m, k, n, group_size, bits, sym, backend):
   assert_close(y, x64, w_ref)
 
 
+@pytest.mark.parametrize("m,k,n,group_size,bits,sym", [c for c in CASES if c[0] == 1])
+@pytest.mark.parametrize("reduce_max_m", [0, 1])
+def test_both_xla_forms_at_decode(m, k, n, group_size, bits, sym, reduce_max_m):
+  """The XLA fallback's multiply-reduce form (GPU default at M=1) and its dequant + dot form (elsewhere)."""
+  from kernels.xla import xla_matmul
+
+  tensors, w_ref = make_weight(k, n, group_size, bits, sym, seed=m + k + n)
+  w = prepare(*tensors, bits=bits, group_size=group_size)
+  x, x64 = make_x(m, k, seed=m)
+  assert_close(xla_matmul(x, w, reduce_max_m=reduce_max_m), x64, w_ref)
+
+
 @pytest.mark.parametrize("group_size,bits,sym", [(128, 4, True), (32, 8, False), (-1, 4, False)])
 def test_dequantize_is_exact(group_size, bits, sym):
   tensors, w_ref = make_weight(384, 128, group_size, bits, sym, seed=1)
