@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from autoround_jax.formats.hf_folder import OutputExistsError, atomic_folder  # noqa: F401  (re-exported)
+from autoround_jax.formats.hf_folder import atomic_folder
 from autoround_jax.formats.safetensors_io import save_file
 
 SUPPORTED_ARCHITECTURE = "llama"
