@@ -6,9 +6,13 @@ Bad input ends in one line `autoround-jax: error: ...` naming the problem and th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import math
 import os
 import sys
 import time
+import warnings
 
 PROG = "autoround-jax"
 SUBCOMMANDS = ("demo", "convert-gguf", "convert", "generate", "perplexity", "eval")
@@ -37,17 +41,65 @@ def _eval_text(path: str | None) -> str:
     if path:
         if not os.path.isfile(path):
             raise UsageError(f"text file {path} not found: pass an existing UTF-8 text file to --text")
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        from .validation import read_text
+
+        return read_text(path, "text file (--text)")
     from .data.texts import eval_text
 
     return eval_text()
 
 
+def _load_for_inference(path: str, dtype: str):
+    """(model, tokenizer) for generate and perplexity: float folders, fake-quant folders and packed int exports
+    (ours and the reference's) alike; a tokenizer whose ids do not fit the model is refused here."""
+    from .formats.quantized_import import load_any
+    from .tokenizer import load_tokenizer
+    from .validation import check_tokenizer_fits
+
+    model = load_any(path, dtype=dtype)
+    tok = load_tokenizer(path)
+    check_tokenizer_fits(tok, model.config.vocab_size, path)
+    return model, tok
+
+
+# flag -> (valid?, what a valid value is); checked for every command that has the flag, before any work
+_RANGES = {
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "seqlen": (lambda v: v >= 2, "an integer >= 2"),
+    "calib_seqlen": (lambda v: v >= 2, "an integer >= 2"),
+    "max_tokens": (lambda v: v >= 2, "an integer >= 2"),
+    "nsamples": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "iters": (lambda v: v >= 0, "an integer >= 0 (0: RTN without tuning)"),
+    "gradient_accumulate_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "lr": (lambda v: v > 0, "a positive number"),
+    "minmax_lr": (lambda v: v > 0, "a positive number"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0: greedy)"),
+    "top_k": (lambda v: v >= 0, "an integer >= 0 (0: no top-k)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "eval_bs": (lambda v: v >= 1, "an integer >= 1"),
+    "limit": (lambda v: v > 0, "a positive number (a fraction of each task below 1)"),
+    "num_fewshot": (lambda v: v >= 0, "an integer >= 0"),
+    "max_length": (lambda v: v >= 2, "an integer >= 2"),
+}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Numeric flags in range (NaN and inf refused), as one line naming the flag and what it takes."""
+    for name, (ok, want) in _RANGES.items():
+        v = getattr(args, name, None)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v) or not ok(v):
+            raise UsageError(f"--{name} {v} is out of range: pass {want}")
+
+
 def cmd_convert_gguf(args: argparse.Namespace) -> None:
     from .default_model import find_default_gguf
     from .formats.gguf_convert import convert_gguf_to_hf
+    from .formats.hf_folder import check_output_path
 
+    check_output_path(args.output_dir, args.overwrite, "output_dir")
     src = args.gguf or find_default_gguf()
     t0 = time.time()
     out = convert_gguf_to_hf(src, args.output_dir, overwrite=args.overwrite)
@@ -55,18 +107,20 @@ def cmd_convert_gguf(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    from .formats.hf_folder import check_output_path
     from .formats.quantized_import import convert
 
+    check_output_path(args.dst, args.overwrite, "dst")
     t0 = time.time()
     out = convert(args.src, args.dst, to=args.to, overwrite=args.overwrite)
     print(f"converted {args.src} -> {out} ({args.to}) in {time.time() - t0:.1f} s")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from . import generate, load_model, load_tokenizer
+    from . import generate
 
     path = _model_path(args.model)
-    model, tok = load_model(path, dtype=args.model_dtype), load_tokenizer(path)
+    model, tok = _load_for_inference(path, args.model_dtype)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.enable_thinking is not None:
         kw["enable_thinking"] = args.enable_thinking == "true"
@@ -74,27 +128,39 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
-    from . import load_model, load_tokenizer, perplexity
+    from .evaluation import perplexity_and_count
 
     path = _model_path(args.model)
-    model, tok = load_model(path, dtype=args.model_dtype), load_tokenizer(path)
+    text = _eval_text(args.text)  # a bad --text fails before the model loads
+    model, tok = _load_for_inference(path, args.model_dtype)
     t0 = time.time()
-    ppl = perplexity(model, tok, _eval_text(args.text), seqlen=args.seqlen, max_tokens=args.max_tokens)
-    print(f"perplexity {ppl:.4f} ({args.max_tokens} tokens, windows of {args.seqlen}, {time.time() - t0:.1f} s)")
+    ppl, scored, windows = perplexity_and_count(model, tok, text, seqlen=args.seqlen, max_tokens=args.max_tokens)
+    print(f"perplexity {ppl:.4f} ({scored} tokens scored in {windows.shape[0]} window(s) of {windows.shape[1]}, "
+          f"{time.time() - t0:.1f} s)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The README's main job on the embedded model: quantize (RTN and tuned), export, perplexity before/after."""
-    from . import generate, load_model, load_quantized, load_tokenizer, perplexity
+    from . import generate, load_model, load_quantized, load_tokenizer
+    from .evaluation import perplexity_and_count
+    from .formats.hf_folder import check_output_path
     from .tuning.autoround import AutoRound
+    from .validation import check_tokenizer_fits
 
     t0 = time.time()
+    check_output_path(args.output_dir, overwrite=True)
     path = _model_path(args.model)
     print(f"model folder: {path} ({time.time() - t0:.1f} s)")
     tok = load_tokenizer(path)
     text = _eval_text(None)
-    ppl = lambda m: perplexity(m, tok, text, seqlen=args.seqlen, max_tokens=args.max_tokens)  # noqa: E731
+    scored = {}
+
+    def ppl(m):
+        value, scored["tokens"], _ = perplexity_and_count(m, tok, text, seqlen=args.seqlen, max_tokens=args.max_tokens)
+        return value
+
     fp_model = load_model(path, dtype="fp32")
+    check_tokenizer_fits(tok, fp_model.config.vocab_size, path)
     question = "What is the capital of France? Answer in one sentence."
     print(f"[fp32] user: {question}\n[fp32] assistant: {generate(fp_model, tok, question, max_new_tokens=40)}")
     results = {"float": ppl(fp_model)}
@@ -113,7 +179,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     results["AutoRound, exported auto_round int4 (reloaded)"] = ppl(packed)
     print(f"[W4G{args.group_size}] assistant: {generate(packed, tok, question, max_new_tokens=40)}")
     print(f"exported to {out} (auto_round format, with report.md and loss.png)")
-    print(f"\nperplexity on held-out fortunes ({args.max_tokens} tokens, windows of {args.seqlen}):")
+    print(f"\nperplexity on held-out fortunes ({scored['tokens']} tokens scored, windows of {args.seqlen}):")
     print("| model | perplexity |\n|---|---|")
     for k, v in results.items():
         print(f"| {k} | {v:.3f} |")
@@ -209,8 +275,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     name = os.path.basename(os.path.normpath(model or path))
     suffix = f"g{s.group_size}" if s.group_size > 0 else "a16"  # the reference's folder naming
     out = os.path.join(args.output_dir, f"{name}-w{s.bits}{suffix}")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:  # fail before hours of tuning
-        raise UsageError(f"output folder {out} is not empty: remove it, choose another --output_dir, or pass --overwrite")
+    from .formats.hf_folder import check_output_path
+
+    check_output_path(out, args.overwrite)  # a file in the way or a non-empty folder fails before hours of tuning
     if args.eval and not args.disable_eval:
         from .eval_cli import resolve_tasks
 
@@ -300,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None, preset: str = "default") -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_transformers()
     if argv and argv[0] in SUBCOMMANDS:
         args = build_parser().parse_args(argv)
     elif argv and argv[0] in ("quantize",):
@@ -308,16 +376,54 @@ def run(argv: list[str] | None = None, preset: str = "default") -> int:
     else:
         args = build_quantize_parser(preset).parse_args(argv)
         args.func = cmd_quantize
-    from .formats.safetensors_io import CheckpointError
-    from .models.config import UnsupportedModelError
-
     try:
-        args.func(args)
-    except (UsageError, FileNotFoundError, CheckpointError, UnsupportedModelError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        check_ranges(args)
+        with _one_line_warnings():
+            args.func(args)
+    except (UsageError, ValueError, OSError) as e:  # CheckpointError, DatasetError, NonFiniteError, ... are ValueErrors
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and e.strerror:  # raised by the OS: name the file
+        return f"{e.strerror}: {e.filename}"
+    return str(e).splitlines()[0] if str(e) else e.__class__.__name__
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Our warnings (e.g. the offline dataset fallback) as `autoround-jax: warning: ...`, without Python's source
+    line; restored afterwards, so in-process callers keep their own format."""
+    saved = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        if f"{os.sep}autoround_jax{os.sep}" in str(filename):
+            return f"{PROG}: warning: {message}\n"
+        return saved(message, category, filename, lineno, line)  # other packages' warnings as Python shows them
+
+    warnings.formatwarning = fmt
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
+
+
+class _DropLongSequenceWarning(logging.Filter):
+    """transformers warns that a text is longer than the model's maximum; we window long texts ourselves."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token indices sequence length is longer than")
+
+
+def quiet_transformers() -> None:
+    """Before transformers is imported: no "PyTorch was not found" advice (we never use torch models) and no
+    long-sequence warning on texts we window ourselves. Other warnings and every error still show."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    if not any(isinstance(f, _DropLongSequenceWarning) for f in logger.filters):
+        logger.addFilter(_DropLongSequenceWarning())
 
 
 def main() -> None:

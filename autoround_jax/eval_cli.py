@@ -57,9 +57,19 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def require_lm_eval() -> None:
+    """lm-eval is the `eval` extra, not a runtime dependency: say how to install it instead of an ImportError."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise ValueError("evaluation needs lm-eval, which is not installed: pip install 'autoround-jax[eval]' "
+                         "(or pip install 'lm-eval>=0.4')") from None
+
+
 @functools.lru_cache(maxsize=4)
 def task_manager(include_path: str | None = None, include_defaults: bool = True):
     """lm-eval's task index (building it parses every bundled YAML: seconds), once per process."""
+    require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
@@ -130,13 +140,14 @@ def run_eval(model, tokenizer, tasks: str | Sequence[str], *, batch_size: int = 
 
 
 def load_for_eval(path: str, dtype: str = "auto"):
-    """(model, tokenizer); int checkpoints (config.json with a quantization_config) stay packed via load_quantized."""
-    from . import load_model, load_quantized, load_tokenizer
-    from .models.loading import resolve_model_path
+    """(model, tokenizer); int checkpoints (a quantization_config) stay packed via load_quantized."""
+    from .formats.quantized_import import load_any
+    from .tokenizer import load_tokenizer
+    from .validation import check_tokenizer_fits
 
-    with open(os.path.join(resolve_model_path(path), "config.json")) as f:
-        quantized = "quantization_config" in json.load(f)
-    return (load_quantized if quantized else load_model)(path, dtype=dtype), load_tokenizer(path)
+    model, tok = load_any(path, dtype=dtype), load_tokenizer(path)
+    check_tokenizer_fits(tok, model.config.vocab_size, path)
+    return model, tok
 
 
 def results_markdown(float_results: dict, quant_results: dict, float_name: str = "BF16",
@@ -180,6 +191,7 @@ def write_results(results: dict, output_path: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    require_lm_eval()
     from lm_eval.utils import make_table
 
     t0 = time.time()

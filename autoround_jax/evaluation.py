@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from .models.decoder import CausalLM
+from .validation import check_ids_fit
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -28,7 +29,8 @@ def token_windows(token_ids, seqlen: int, max_tokens: int | None) -> np.ndarray:
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:
-        raise ValueError("text too short for perplexity: it needs at least 2 tokens")
+        raise ValueError(f"text too short for perplexity: {len(ids)} token(s), at least 2 are needed; pass a longer "
+                         "text (--text FILE)")
     if len(ids) < seqlen:
         return ids[None]
     n = len(ids) // seqlen
@@ -45,6 +47,25 @@ def perplexity_of_windows(model: CausalLM, windows: np.ndarray, batch_size: int 
     return math.exp(total / count)
 
 
+def perplexity_and_count(
+    model: CausalLM,
+    tokenizer,
+    text: str,
+    *,
+    seqlen: int = 1024,
+    max_tokens: int | None = 20480,
+    batch_size: int = 1,
+) -> tuple[float, int, np.ndarray]:
+    """(perplexity, number of tokens scored, the windows [n, T]): each window's first token is context only, so
+    n * (T - 1) tokens are scored."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen {seqlen} is too short for perplexity: use windows of at least 2 tokens")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    check_ids_fit(ids, model.config.vocab_size, "the text's token ids")
+    windows = token_windows(ids, seqlen, max_tokens)
+    return perplexity_of_windows(model, windows, batch_size), windows.shape[0] * (windows.shape[1] - 1), windows
+
+
 def perplexity(
     model: CausalLM,
     tokenizer,
@@ -55,5 +76,4 @@ def perplexity(
     batch_size: int = 1,
 ) -> float:
     """exp(mean NLL) over non-overlapping seqlen windows of the first max_tokens tokens of text."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return perplexity_of_windows(model, token_windows(ids, seqlen, max_tokens), batch_size)
+    return perplexity_and_count(model, tokenizer, text, seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size)[0]

@@ -11,6 +11,7 @@ from flax import nnx
 
 from .models.decoder import CausalLM, KVCache, default_positions
 from .tokenizer import format_prompt
+from .validation import check_ids_fit
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -107,8 +108,14 @@ def generate(
         isinstance(prompt_or_messages, list) and prompt_or_messages and isinstance(prompt_or_messages[0], dict)
     )
     batch = [prompt_or_messages] if single else list(prompt_or_messages)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens is {max_new_tokens}: generate at least 1 token")
     texts = [format_prompt(tokenizer, p, chat, enable_thinking) for p in batch]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if not encoded or any(len(e) == 0 for e in encoded):
+        raise ValueError("the prompt is empty (no tokens): pass some text")
+    for e in encoded:
+        check_ids_fit(e, model.config.vocab_size, "the prompt's token ids")
     width = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = np.full((len(encoded), width), pad, np.int32)

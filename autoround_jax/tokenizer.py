@@ -9,7 +9,13 @@ def load_tokenizer(name_or_path: str):
     """An HF fast tokenizer for a local folder or hub id; pad token falls back to eos for batching."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    path = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # tokenizers/transformers raise bare Exceptions on damaged files
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path}: cannot load the tokenizer ({e.__class__.__name__}: {first[:200]}); restore or "
+                         "re-download tokenizer.json / tokenizer_config.json") from None
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return tok

@@ -4,7 +4,10 @@ Quantizes the embedded SmolLM2 with the reference and with autoround-jax on the 
 (W4G128 sym, iters 50, nsamples 32, seqlen 256, batch 4 by default) and prints held-out perplexity for float, plain
 RTN, opt-RTN (iters 0) of both, the reference's AutoRound and ours (all evaluated by the same JAX forward; the reference export is dequantized
 by hand, since transformers + auto-round cannot load K % G != 0 layers on a CPU), plus seconds per block for both.
-Run: HF_HUB_OFFLINE=1 .venv/bin/python scripts/compare_reference.py [--iters 50] [--eval_tokens 8192]
+Each precision in --precisions runs both sides: "default" is amp=True for both (the reference autocasts to bf16 where
+the CPU has bf16 units, ours uses bf16 matmul operands there; both fall back to fp32 on AVX2-only CPUs), "fp32" is
+amp=False for both. The CPU's flags are printed with the figures.
+Run: HF_HUB_OFFLINE=1 .venv/bin/python scripts/compare_reference.py [--iters 50] [--eval_tokens 8192] [--precisions default,fp32]
 On a GPU machine without the fortunes text or the embedded model (not yet run on one):
   python scripts/compare_reference.py --device cuda --model HF_FOLDER --speed_only
 """
@@ -64,9 +67,9 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--eval_tokens", type=int, default=8192)
-    ap.add_argument("--ref_amp", action=argparse.BooleanOptionalAction, default=None,
-                    help="the reference's bf16 autocast (its default). Default here: off on a CPU (fp32, its fastest "
-                    "setting on CPUs without native bf16, as ours runs there), on for cuda (as ours runs there)")
+    ap.add_argument("--precisions", default="default,fp32",
+                    help="comma list of 'default' (amp=True on both sides, each resolving it as it does on this host) "
+                    "and 'fp32' (amp=False on both)")
     ap.add_argument("--model", default=None, help="HF folder (default: the embedded SmolLM2)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where the reference runs; ours runs on JAX's default backend, which must match")
@@ -75,7 +78,9 @@ def main() -> None:
                     help="random calibration token ids and no perplexities (for machines without the fortunes text, "
                     "or a randomly initialised model)")
     args = ap.parse_args()
-    ref_amp = (args.device == "cuda") if args.ref_amp is None else args.ref_amp
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions or set(precisions) - {"default", "fp32"}:
+        raise SystemExit("--precisions takes a comma list of 'default' and 'fp32'")
 
     import torch
     import transformers
@@ -86,6 +91,7 @@ def main() -> None:
     from autoround_jax.data.texts import eval_text
     from autoround_jax.default_model import default_model_dir
     from autoround_jax.evaluation import perplexity_of_windows, token_windows
+    from autoround_jax.models.precision import cpu_flag_summary
     from autoround_jax.tuning.autoround import AutoRound
 
     import jax
@@ -111,16 +117,16 @@ def main() -> None:
         results["RTN"] = ppl(AutoRound(path, tok, iters=0, disable_opt_rtn=True, model_dtype="fp32", progress=False,
                                    **common).quantize()[0])
 
-    def run_ours(iters: int) -> tuple[float, AutoRound, float]:
+    def run_ours(iters: int, amp: bool) -> tuple[float, AutoRound, float]:
         """(perplexity, the quantizer, CPU seconds) for one of our runs on the shared calibration ids."""
         ar = AutoRound(path, tok, iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
-                       batch_size=args.batch_size, dataset=ids, model_dtype="fp32", progress=False, **common)
+                       batch_size=args.batch_size, dataset=ids, model_dtype="fp32", progress=False, amp=amp, **common)
         cpu0 = time.process_time()
         model, _ = ar.quantize()
         cpu = time.process_time() - cpu0
         return ppl(model), ar, cpu
 
-    def run_reference(iters: int) -> tuple[float, float, float]:
+    def run_reference(iters: int, ref_amp: bool) -> tuple[float, float, float]:
         """(perplexity, wall s, CPU s) for the reference on the same ids; iters=0 is its default opt-RTN."""
         torch.manual_seed(42)
         ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -144,20 +150,27 @@ def main() -> None:
             dequantized = dequantize_reference_export(folder, path, os.path.join(tmp, "f"))
             return ppl(load_model(dequantized, dtype="fp32")), wall, cpu
 
-    if not args.skip_opt_rtn:  # iters=0 as both run it by default: the imatrix-weighted scale search
-        results["opt-RTN (ours)"], ar0, cpu = run_ours(0)
-        timing["opt-RTN ours"] = (ar0.seconds / ar0.config.num_layers, 0.0, ar0.seconds, cpu)
-        results["opt-RTN (reference)"], wall, cpu = run_reference(0)
-        timing["opt-RTN reference"] = (wall / ar0.config.num_layers, 0.0, wall, cpu)
-
-    results["autoround-jax"], ours, ours_cpu = run_ours(args.iters)
-    secs = [r.seconds for r in ours.reports]
-    timing["ours"] = (statistics.median(secs[1:]), secs[0] - statistics.median(secs[1:]), ours.seconds, ours_cpu)
-    results["reference AutoRound"], ref_wall, ref_cpu = run_reference(args.iters)
-    timing["reference"] = (ref_wall / ours.config.num_layers, 0.0, ref_wall, ref_cpu)
+    steps = {}  # precision -> (ours ms per iteration in the step, ours s/block, reference s/block)
+    for prec in precisions:
+        amp = prec == "default"
+        tag = "amp=True" if amp else "fp32"
+        if not args.skip_opt_rtn:  # iters=0 as both run it by default: the imatrix-weighted scale search
+            results[f"opt-RTN ours, {tag}"], ar0, cpu = run_ours(0, amp)
+            timing[f"opt-RTN ours, {tag}"] = (ar0.seconds / ar0.config.num_layers, 0.0, ar0.seconds, cpu)
+            results[f"opt-RTN reference, {tag}"], wall, cpu = run_reference(0, amp)
+            timing[f"opt-RTN reference, {tag}"] = (wall / ar0.config.num_layers, 0.0, wall, cpu)
+        results[f"autoround-jax, {tag}"], ours, ours_cpu = run_ours(args.iters, amp)
+        secs = [r.seconds for r in ours.reports]
+        steady = statistics.median(secs[1:])
+        timing[f"ours, {tag} ({jax.numpy.dtype(ours.compute_dtype).name} matmuls)"] = (
+            steady, sum(r.split.get("compile", 0.0) for r in ours.reports), ours.seconds, ours_cpu)
+        step_ms = 1000 * statistics.median(r.split["step"] for r in ours.reports[1:]) / args.iters
+        results[f"reference AutoRound, {tag}"], ref_wall, ref_cpu = run_reference(args.iters, amp)
+        timing[f"reference, {tag}"] = (ref_wall / ours.config.num_layers, 0.0, ref_wall, ref_cpu)
+        steps[prec] = (step_ms, steady, ref_wall / ours.config.num_layers, ours.seconds, ref_wall)
 
     where = jax.devices()[0].device_kind if args.device == "cuda" else f"{platform.machine()}, {os.cpu_count()} cores"
-    print(f"machine: {where}; reference on {args.device}, amp {'bf16' if ref_amp else 'off (fp32)'}; "
+    print(f"machine: {where}; CPU flags: {cpu_flag_summary()}; reference on {args.device}; "
           f"W4G{args.group_size} sym, iters {args.iters}, "
           f"{args.nsamples}x{args.seqlen} calibration tokens, batch {args.batch_size}"
           + ("; random calibration ids, no perplexity" if args.speed_only else f"; eval {windows.size} tokens"))
@@ -165,18 +178,21 @@ def main() -> None:
         print("| model | perplexity (held-out fortunes) |\n|---|---|")
         for k, v in results.items():
             print(f"| {k} | {v:.3f} |")
-    print("\n| quantizer | s/block (steady) | compile s (first block extra) | wall s | CPU s |\n|---|---|---|---|---|")
+    print("\n| quantizer | s/block (steady) | compile s (all blocks) | wall s | CPU s |\n|---|---|---|---|---|")
     for k, (per, comp, wall, cpu) in timing.items():
         print(f"| {k} | {per:.2f} | {comp:.1f} | {wall:.1f} | {cpu:.1f} |")
-    if not args.speed_only:
-        r, o = results["reference AutoRound"], results["autoround-jax"]
-        print(f"\nours vs reference perplexity: {100 * (o / r - 1):+.2f}% (goal <= +1%)")
-    if "opt-RTN ours" in timing and not args.speed_only:
-        r0, o0 = results["opt-RTN (reference)"], results["opt-RTN (ours)"]
-        print(f"opt-RTN (iters 0): ours vs reference perplexity {100 * (o0 / r0 - 1):+.2f}%, wall-time ratio "
-              f"reference/ours {timing['opt-RTN reference'][2] / timing['opt-RTN ours'][2]:.2f}x")
-    print(f"\nspeed ratio reference/ours per block: {timing['reference'][0] / timing['ours'][0]:.2f}x (goal >= 2x)")
-
+    for prec, (step_ms, ours_block, ref_block, ours_wall, ref_wall) in steps.items():
+        tag = "amp=True" if prec == "default" else "fp32"
+        line = (f"\n{tag}: ours {step_ms:.1f} ms per iteration in the step; per block reference/ours "
+                f"{ref_block / ours_block:.2f}x, end to end (quantize wall) {ref_wall / ours_wall:.2f}x")
+        if not args.speed_only:
+            r, o = results[f"reference AutoRound, {tag}"], results[f"autoround-jax, {tag}"]
+            line += f"; perplexity ours vs reference {100 * (o / r - 1):+.2f}% (goal <= +1%)"
+        print(line)
+        if not args.skip_opt_rtn and not args.speed_only:
+            r0, o0 = results[f"opt-RTN reference, {tag}"], results[f"opt-RTN ours, {tag}"]
+            print(f"{tag} opt-RTN (iters 0): ours vs reference perplexity {100 * (o0 / r0 - 1):+.2f}%, wall-time ratio "
+                  f"reference/ours {timing[f'opt-RTN reference, {tag}'][2] / timing[f'opt-RTN ours, {tag}'][2]:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Calibration token ids [nsamples, seqlen] with the reference's dataset syntax and selection rules.
 
-`dataset` accepts: hub names (NeelNanda/pile-10k, ...) when a hub is reachable; local .txt/.jsonl/.json/.parquet
-files; a list of strings; "fortunes" (Debian's fortunes, the offline default); "self" (text sampled from the model
+`dataset` accepts: hub ids (`org/name`, e.g. NeelNanda/pile-10k) read through `datasets` when installed, else from
+the dataset's data files via huggingface_hub (its cache works offline); local .txt/.jsonl/.json/.parquet files; a list of strings; "fortunes" (Debian's fortunes, the offline default); "self" (text sampled from the model
 itself). Options follow the reference: `name:num=N:concat=True`, comma-separated mixtures. Rules: seeded shuffle,
 each text tokenized with truncation to seqlen, samples shorter than seqlen dropped, samples whose last token repeats
 more than seqlen//2 times dropped; `concat=True` joins texts into one stream cut into seqlen pieces.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import warnings
 from typing import Callable, Sequence
 
@@ -25,24 +26,55 @@ class DatasetError(ValueError):
     """A dataset that cannot be read or yields too few samples."""
 
 
+OPTIONS = ("num", "concat", "split")
+LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def _parse(spec: str) -> tuple[str, dict[str, str]]:
+    """'name:num=N:concat=True' -> (name, options), every option checked (one line naming the bad one)."""
     name, *opts = spec.split(":")
+    name = name.strip()
     kv = {}
     for o in opts:
         k, _, v = o.partition("=")
-        kv[k.strip()] = v.strip() if v else "True"
-    return name.strip(), kv
+        k, v = k.strip(), (v.strip() if v else "True")
+        if k not in OPTIONS:
+            raise DatasetError(f"unknown dataset option {k!r} in --dataset {spec!r}: use {', '.join(OPTIONS)} "
+                               "(e.g. 'fortunes:num=64:concat=True')")
+        if k == "num" and not (v.isdigit() and int(v) > 0):
+            raise DatasetError(f"dataset option num={v} in --dataset {spec!r} is not a positive integer: write e.g. "
+                               f"'{name}:num=64'")
+        if k == "concat" and v.lower() not in ("true", "false"):
+            raise DatasetError(f"dataset option concat={v} in --dataset {spec!r} must be True or False")
+        kv[k] = v
+    if not name:
+        raise DatasetError(f"--dataset {spec!r} has no dataset name before its options")
+    return name, kv
+
+
+def is_hub_id(name: str) -> bool:
+    """'org/name' that is not an existing path and has no local file extension: a Hugging Face hub dataset."""
+    return (not os.path.exists(name) and bool(_HUB_ID.match(name))
+            and os.path.splitext(name)[1].lower() not in LOCAL_EXTENSIONS)
+
+
+def _read_utf8(path: str) -> str:
+    from ..validation import read_text
+
+    try:
+        return read_text(path, "text dataset")
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
 
 
 def _read_local(path: str) -> list[str]:
     ext = os.path.splitext(path)[1].lower()
     if ext == ".txt":
-        with open(path, encoding="utf-8") as f:
-            paragraphs = f.read().split("\n\n")
+        paragraphs = _read_utf8(path).split("\n\n")
         return [p.strip() for p in paragraphs if p.strip()]
     if ext in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            raw = f.read()
+        raw = _read_utf8(path)
         try:
             rows = json.loads(raw) if ext == ".json" else [json.loads(line) for line in raw.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
@@ -53,7 +85,10 @@ def _read_local(path: str) -> list[str]:
             import pyarrow.parquet as pq
         except ImportError:
             raise DatasetError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's ArrowInvalid and OSError on a damaged or non-parquet file
+            raise DatasetError(f"{path}: not a readable parquet file ({e.__class__.__name__}); pass the right file") from None
         if "text" not in table.column_names:
             raise DatasetError(f"{path}: parquet file has no 'text' column (columns: {table.column_names})")
         return [str(t) for t in table.column("text").to_pylist()]
@@ -68,19 +103,52 @@ def _text_of(row, path: str) -> str:
     raise DatasetError(f"{path}: each record needs a 'text' field")
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_error(name: str, e: Exception) -> DatasetError:
+    why = "offline: HF_HUB_OFFLINE=1 and not in the local cache" if _offline() else e.__class__.__name__
+    return DatasetError(f"cannot load dataset {name} from the Hugging Face hub ({why}): pass a local "
+                        ".txt/.jsonl/.json/.parquet file or 'fortunes', or download it where the hub is reachable")
+
+
 def _read_hub(name: str, split: str) -> list[str]:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise DatasetError(f"dataset {name} needs the hub but HF_HUB_OFFLINE=1")
+    """A hub dataset's text column: through `datasets` when it is installed, else the dataset's data files
+    (parquet, jsonl, json, txt) fetched with huggingface_hub (or found in its cache when offline)."""
     try:
         import datasets
     except ImportError:
-        raise DatasetError(f"dataset {name} needs the `datasets` package (pip install datasets)") from None
+        datasets = None
+    if datasets is not None:
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as e:
+            raise _hub_error(name, e) from None
+        column = "text" if "text" in ds.column_names else ds.column_names[0]
+        return [str(t) for t in ds[column]]
+    return [t for f in _hub_files(name, split) for t in _read_local(f)]
+
+
+def _hub_files(name: str, split: str) -> list[str]:
+    """The local paths of a hub dataset's data files for one split (all data files if none is named after it)."""
+    from huggingface_hub import snapshot_download
+
     try:
-        ds = datasets.load_dataset(name, split=split)
+        folder = snapshot_download(name, repo_type="dataset", allow_patterns=[f"*{e}" for e in LOCAL_EXTENSIONS])
     except Exception as e:
-        raise DatasetError(f"cannot load {name} from the hub ({e.__class__.__name__}); pass a local file or 'fortunes'") from None
-    column = "text" if "text" in ds.column_names else ds.column_names[0]
-    return [str(t) for t in ds[column]]
+        raise _hub_error(name, e) from None
+    files = []
+    for root, _, names in os.walk(folder):
+        files += [os.path.join(root, n) for n in names if os.path.splitext(n)[1].lower() in LOCAL_EXTENSIONS
+                  and not n.startswith(("dataset_info", "dataset_infos", "README"))]
+    rel = {f: os.path.relpath(f, folder) for f in files}
+    chosen = sorted(f for f in files if re.search(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)", rel[f]))
+    chosen = chosen or sorted(files)
+    if not chosen:
+        raise DatasetError(f"dataset {name} on the Hugging Face hub has no .parquet/.jsonl/.json/.txt data files: pass "
+                           "a local file or 'fortunes'")
+    return chosen
 
 
 def _texts(name: str, opts: dict[str, str]) -> list[str]:
@@ -88,11 +156,31 @@ def _texts(name: str, opts: dict[str, str]) -> list[str]:
         from .texts import calibration_texts
 
         return calibration_texts()
-    if os.path.splitext(name)[1] or os.path.sep in name:
+    if is_hub_id(name):
+        return _read_hub(name, opts.get("split", "train"))
+    if os.path.splitext(name)[1] or os.path.sep in name or os.path.exists(name):
         if not os.path.isfile(name):
-            raise DatasetError(f"dataset file {name} not found: pass an existing .txt/.jsonl/.json/.parquet file")
+            raise DatasetError(f"dataset file {name} not found: pass an existing .txt/.jsonl/.json/.parquet file, "
+                               "'fortunes', or a hub dataset id like NeelNanda/pile-10k")
         return _read_local(name)
-    return _read_hub(name, opts.get("split", "train").replace("+", "+"))
+    return _read_hub(name, opts.get("split", "train"))
+
+
+def check_dataset(dataset: str | None) -> None:
+    """Before any work: every spec of a dataset string parses, and every local file named exists (hub datasets
+    are read when calibration starts; the default falls back to fortunes offline)."""
+    if dataset is None or dataset.strip() == "self":
+        return
+    for spec in [s for s in dataset.split(",") if s.strip()]:
+        name, _ = _parse(spec)
+        if name == "fortunes" or is_hub_id(name):
+            continue
+        if (os.path.splitext(name)[1] or os.path.sep in name) and not os.path.isfile(name):
+            raise DatasetError(f"dataset file {name} not found: pass an existing .txt/.jsonl/.json/.parquet file, "
+                               "'fortunes', or a hub dataset id like NeelNanda/pile-10k")
+        if os.path.isfile(name) and os.path.splitext(name)[1].lower() not in LOCAL_EXTENSIONS:
+            raise DatasetError(f"{name}: unsupported dataset file type {os.path.splitext(name)[1]!r}: use .txt, "
+                               ".jsonl, .json or .parquet")
 
 
 def tokenize_samples(texts: Sequence[str], tokenizer, seqlen: int, concat: bool) -> list[np.ndarray]:

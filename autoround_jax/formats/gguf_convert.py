@@ -17,6 +17,7 @@ import numpy as np
 
 from autoround_jax.formats.hf_folder import atomic_folder
 from autoround_jax.formats.safetensors_io import save_file
+from autoround_jax.validation import check_finite
 
 SUPPORTED_ARCHITECTURE = "llama"
 TOKEN_TYPE_CONTROL = 3  # llama.cpp's token type for special tokens such as <|im_end|>
@@ -118,7 +119,10 @@ def _float32(value: float) -> float:
 
 def _write_folder(reader: Any, meta: dict[str, Any], path: str, folder: str) -> None:
     """Everything a HF folder needs: weights, model config, generation config and tokenizer files."""
-    save_file(_state_dict(reader, meta, path), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    tensors = _state_dict(reader, meta, path)
+    for name, arr in tensors.items():  # a NaN/inf in the GGUF stops here, before the folder exists
+        check_finite(arr, name, path, fix="the GGUF file is damaged: re-download it")
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     _write_json(folder, "config.json", _config(meta))
     _write_json(folder, "generation_config.json", _generation_config(meta))
     _tokenizer(meta).save(os.path.join(folder, "tokenizer.json"))

@@ -1,7 +1,8 @@
 """Writing HF model folders safely: a temporary sibling folder renamed into place when complete, sharded weights.
 
 Nothing is lost: a non-empty output folder is refused unless overwrite is asked for, and an interrupted write leaves
-the previous state untouched (at worst a `.tmp-*` sibling).
+the previous state untouched (at worst a `.tmp-<pid>-*` sibling, which the next write into the same folder removes).
+Nothing bad is written either: every float tensor is checked for NaN and inf on its way to disk.
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
+import time
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..validation import check_finite
 from .safetensors_io import save_file
 
 TOKENIZER_FILES = (
@@ -29,36 +34,119 @@ class OutputExistsError(ValueError):
     """The output folder already holds files."""
 
 
+def check_output_path(out_dir: str, overwrite: bool = False, flag: str = "--output_dir") -> str:
+    """Refuse, before any slow work, an output folder that cannot be written: the path (or a folder above it) is a
+    file, the nearest existing folder above it is not writable, or it holds files and overwrite is not asked for.
+    Returns the absolute path."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputExistsError(f"output path {out_dir} ({flag}) is a file: remove it or choose a folder path")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise OutputExistsError(
+            f"output folder {out_dir} is not empty: remove it, choose another, or pass --overwrite (overwrite=True)"
+        )
+    above = os.path.dirname(out_dir)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise OutputExistsError(f"output path {out_dir} ({flag}) lies under {above}, which is a file: remove that file "
+                                "or choose another folder path")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot write under {above} (permission denied) for {out_dir} ({flag}): choose a "
+                                "folder you can write to")
+    return out_dir
+
+
+# Temporary siblings carry the writing process's id: <name>.tmp-<pid>-<random> (the new folder being written) and
+# <name>.old-<pid>-<random> (the replaced folder, deleted once the new one is in place).
+_LEFTOVER = re.compile(r"\.(tmp|old)-(?:(\d+)-)?[A-Za-z0-9_]+$")
+_STARTED = time.time()  # leftovers without a pid (older versions) count as stale when older than this process
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_leftovers(out_dir: str) -> list[str]:
+    """Remove `<out_dir>.tmp-*` / `.old-*` siblings left by a killed run into the same folder, with a one-line
+    notice each: those whose writing process is dead, or (without a pid in the name) that predate this process.
+    A live process's folder is kept. Returns the removed paths."""
+    out_dir = os.path.abspath(out_dir)
+    parent, base = os.path.dirname(out_dir), os.path.basename(out_dir)
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        m = _LEFTOVER.match(name[len(base):]) if name.startswith(base + ".") else None
+        if m is None or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        pid = int(m.group(2)) if m.group(2) else None
+        if pid is not None:
+            stale = pid != os.getpid() and not _pid_alive(pid)
+        else:
+            try:
+                stale = os.path.getmtime(path) < _STARTED
+            except OSError:
+                stale = False
+        if stale and m.group(1) == "old" and not os.path.isdir(out_dir):
+            # Killed between the two renames of an overwrite: this holds the only copy of the previous folder.
+            print(f"autoround-jax: kept {path}: it holds the previous {base} from an interrupted overwrite; restore "
+                  f"it with `mv {os.path.join(path, 'x')} {out_dir}` or delete it with `rm -r {path}`", file=sys.stderr)
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):
+                removed.append(path)
+                print(f"autoround-jax: removed {path}, left by an interrupted run", file=sys.stderr)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary sibling folder; on success it replaces out_dir, on failure it is removed.
 
     A non-empty out_dir is refused up front (before any slow work) unless overwrite; with overwrite the old folder
     is swapped aside and deleted only once the new one is in place. If another process fills out_dir meanwhile,
-    OutputExistsError says so and the other process's folder is kept.
+    OutputExistsError says so and the other process's folder is kept. Folders above out_dir created here are
+    removed again on failure, and temporary siblings left by a killed earlier run are removed first.
     """
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputExistsError(f"output path {out_dir} is a file: remove it or choose a folder path")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise OutputExistsError(
-            f"output folder {out_dir} is not empty: remove it, choose another, or pass --overwrite (overwrite=True)"
-        )
+    out_dir = check_output_path(out_dir, overwrite)
     parent = os.path.dirname(out_dir)
+    created = []
+    p = parent
+    while not os.path.exists(p):
+        created.append(p)
+        p = os.path.dirname(p)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    remove_leftovers(out_dir)
+    tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(out_dir)}.tmp-{os.getpid()}-", dir=parent)
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; an export is an ordinary folder
+    ok = False
     try:
         yield tmp
         _move_into_place(tmp, out_dir, overwrite)
+        ok = True
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        if not ok:
+            for folder in created:  # deepest first; only while empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
 
 
 def _move_into_place(tmp: str, out_dir: str, overwrite: bool) -> None:
     if overwrite and os.path.isdir(out_dir) and os.listdir(out_dir):
-        old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=os.path.dirname(out_dir))
+        old = tempfile.mkdtemp(prefix=f"{os.path.basename(out_dir)}.old-{os.getpid()}-", dir=os.path.dirname(out_dir))
         os.replace(out_dir, os.path.join(old, "x"))
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
@@ -88,6 +176,8 @@ def write_sharded(tensors: Iterable[tuple[str, np.ndarray]], folder: str, max_sh
     names: list[list[str]] = [[]]
     for name, arr in tensors:
         arr = np.ascontiguousarray(arr)
+        check_finite(arr, name, fix="nothing was written; check the source checkpoint, or keep the layer in float "
+                                    "(--fp_layers) if its values overflow the export dtype")
         if sizes[-1] and sizes[-1] + arr.nbytes > max_shard_bytes:
             flush()
             shards[-1], sizes[-1] = {}, 0

@@ -9,7 +9,6 @@ scheme implies, so a checkpoint that disagrees with its config fails with one li
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Iterator, Mapping
@@ -28,6 +27,7 @@ from ..tuning.fake_quant import LayerScheme
 from .auto_round import (FORMATS, PACKINGS, Packing, QuantizedModel, export_hf_config, iter_tensors, packed_shapes,
                          unpack_linear, write_quantized)
 from .hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
+from ..validation import read_json
 from .safetensors_io import CheckpointError
 
 # Names older auto-round versions wrote (normalised as in convert_model.py).
@@ -43,16 +43,38 @@ CONFIG_FILES = ("quantization_config.json", "quantize_config.json", "quant_confi
 def read_quantization_config(path: str, hf_config: Mapping[str, Any]) -> dict[str, Any]:
     """config.json's quantization_config, else a side file (AutoGPTQ's quantize_config.json, AutoAWQ's ...)."""
     if "quantization_config" in hf_config:
-        return dict(hf_config["quantization_config"])
+        qc = hf_config["quantization_config"]
+        if not isinstance(qc, dict):
+            raise CheckpointError(f"{os.path.join(path, 'config.json')}: quantization_config is a "
+                                  f"{type(qc).__name__}, expected an object; restore or re-export the checkpoint")
+        return dict(qc)
     for name in CONFIG_FILES:
         file = os.path.join(path, name)
         if os.path.isfile(file):
-            with open(file) as f:
-                qc = json.load(f)
+            qc = read_json(file)
             if "quant_method" not in qc:  # AutoGPTQ / AutoAWQ side files predate the key
                 qc["quant_method"] = "awq" if "w_bit" in qc or "version" in qc else "gptq"
             return qc
-    raise CheckpointError(f"{path}: no quantization_config in config.json: not a quantized checkpoint (use load_model)")
+    raise CheckpointError(f"{path}: no quantization_config in config.json: not a quantized checkpoint (load it with "
+                          "load_model; quantize it with `autoround-jax --model PATH`)")
+
+
+def is_quantized(name_or_path: str) -> bool:
+    """Whether a folder holds a packed int checkpoint (a quantization_config in config.json, or a side file)."""
+    path = resolve_model_path(name_or_path)
+    if isinstance(read_json(os.path.join(path, "config.json")).get("quantization_config"), dict):
+        return True
+    return any(os.path.isfile(os.path.join(path, name)) for name in CONFIG_FILES)
+
+
+def load_any(name_or_path: str, dtype="auto", backend: str = "auto") -> CausalLM:
+    """What every command loads: a packed int checkpoint (ours or the reference's) stays packed via load_quantized;
+    a float or fake-quant folder goes through load_model."""
+    from ..models.loading import load_model
+
+    if is_quantized(name_or_path):
+        return load_quantized(name_or_path, dtype=dtype, backend=backend)
+    return load_model(name_or_path, dtype=dtype)
 
 
 def packing_of(qc: Mapping[str, Any]) -> str:
@@ -189,11 +211,16 @@ def open_quantized(name_or_path: str) -> QuantizedModel:
     """A quantized checkpoint, checked against its config; codes are decoded lazily, layer by layer."""
     path = resolve_model_path(name_or_path)
     cfg = ModelConfig.from_pretrained(path)
-    with open(os.path.join(path, "config.json")) as f:
-        hf_config = json.load(f)
+    hf_config = read_json(os.path.join(path, "config.json"))
     qc = read_quantization_config(path, hf_config)
-    packing = PACKINGS[packing_of(qc)]
-    schemes = layer_schemes(cfg, qc)
+    try:
+        packing = PACKINGS[packing_of(qc)]
+        schemes = layer_schemes(cfg, qc)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, AttributeError) as e:  # e.g. bits "four", extra_config a list
+        raise CheckpointError(f"{path}: malformed quantization_config ({e.__class__.__name__}: {e}); restore or "
+                              "re-export the checkpoint") from None
     reader = CheckpointReader(path)
     check_quantized_tensors(reader, cfg, schemes, packing)
     dtype = reader.get("model.embed_tokens.weight").dtype  # floats as stored (config.json may say float16 for AWQ)

@@ -21,6 +21,39 @@ class UnsupportedModelError(ValueError):
     """Raised for an architecture this package does not implement."""
 
 
+class ConfigError(ValueError):
+    """config.json lacks a field the decoder needs, or holds a value of the wrong type."""
+
+
+# field -> (required, smallest value); every one an integer
+_INT_FIELDS = {"vocab_size": (True, 1), "hidden_size": (True, 1), "intermediate_size": (True, 1),
+               "num_hidden_layers": (True, 1), "num_attention_heads": (True, 1), "num_key_value_heads": (False, 1),
+               "head_dim": (False, 1), "max_position_embeddings": (False, 1)}
+
+
+def _check_fields(d: Mapping[str, Any]) -> None:
+    """Required integer fields present and positive, so no KeyError or ZeroDivisionError surfaces later."""
+    for key, (required, low) in _INT_FIELDS.items():
+        v = d.get(key)
+        if v is None:
+            if required:
+                raise ConfigError(f"missing required key {key!r}: restore the model's original config.json")
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"{key} is {v!r}: expected an integer >= {low}; restore the model's original config.json")
+    heads, kv = d["num_attention_heads"], d.get("num_key_value_heads") or d["num_attention_heads"]
+    if heads % kv:
+        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}: restore the "
+                          "model's original config.json")
+    if not d.get("head_dim") and d["hidden_size"] % heads:
+        raise ConfigError(f"hidden_size {d['hidden_size']} is not a multiple of num_attention_heads {heads} and no "
+                          "head_dim is given: restore the model's original config.json")
+    eps = d.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ConfigError(f"rms_norm_eps is {eps!r}: expected a positive number; restore the model's original "
+                          "config.json")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding parameters: theta plus the optional scaling used by these families."""
@@ -73,6 +106,7 @@ class ModelConfig:
         """Translate a transformers PretrainedConfig (or its dict) for Qwen2/Qwen3/Llama."""
         d = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
         family = _family(d)
+        _check_fields(d)
         heads = d["num_attention_heads"]
         hidden = d["hidden_size"]
         head_dim = d.get("head_dim") or hidden // heads
@@ -107,11 +141,15 @@ class ModelConfig:
         import json
         import os
 
+        from ..validation import read_json
+
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{cfg_file} not found: point --model at a folder with config.json")
-        with open(cfg_file) as f:
-            return cls.from_hf_config(json.load(f))
+        try:
+            return cls.from_hf_config(read_json(cfg_file))
+        except ConfigError as e:
+            raise ConfigError(f"{cfg_file}: {e}") from None
 
 
 def _family(d: Mapping[str, Any]) -> str:

@@ -17,6 +17,7 @@ from flax import nnx
 
 from .config import ModelConfig
 from .layers import FloatWeight, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from .precision import linear, mixed_einsum, physical_transpose
 
 _NEG = -1e30
 
@@ -85,13 +86,31 @@ class Attention(nnx.Module):
 
 def _attend(q, k, v, mask, kv_heads):
     """softmax(q k^T / sqrt(d)) v with GQA by grouping query heads; softmax in fp32 like HF eager."""
+    if q.dtype != jnp.float32:
+        return _attend_mixed(q, k, v, mask, kv_heads)
     b, t, h, d = q.shape
     qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) / np.sqrt(d).astype(np.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) / np.sqrt(d).astype(np.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+def _attend_mixed(q, k, v, mask, kv_heads):
+    """The same under amp (bf16 operands, f32 scores and accumulation), laid out heads-major ([B*KVH, G*T, D]) so
+    that both contractions and their gradients are plain batched matmuls: with the HF layout, XLA:CPU transposed the
+    [B, KVH, G, T, S] score tensors back and forth in every forward and backward pass."""
+    b, t, h, d = q.shape
+    s, g = k.shape[1], h // kv_heads
+    qz = physical_transpose(q.reshape(b, t, kv_heads, g, d), (0, 2, 3, 1, 4)).reshape(b * kv_heads, g * t, d)
+    kz = physical_transpose(k, (0, 2, 1, 3)).reshape(b * kv_heads, s, d)
+    vz = physical_transpose(v, (0, 2, 1, 3)).reshape(b * kv_heads, s, d)
+    scores = mixed_einsum("zqd,zsd->zqs", qz, kz, out_f32=True).reshape(b, kv_heads, g, t, s)
+    scores = jnp.where(mask[:, None, None, :, :], scores / np.sqrt(d).astype(np.float32), _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b * kv_heads, g * t, s)
+    out = mixed_einsum("zqs,zsd->zqd", probs, vz).reshape(b, kv_heads, g, t, d)
+    return physical_transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
 class MLP(nnx.Module):
@@ -184,7 +203,7 @@ class CausalLM(nnx.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         h = self.norm(h)
         if self.lm_head is None:
-            out = jnp.einsum("...d,vd->...v", h, self.embed_tokens[...].astype(h.dtype))
+            out = linear(h, self.embed_tokens[...])
         else:
             out = self.lm_head(h)
         return out.astype(jnp.float32)

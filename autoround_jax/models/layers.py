@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from .config import RopeConfig
+from .precision import linear
 
 
 class FloatWeight(nnx.Module):
@@ -31,7 +32,7 @@ class FloatWeight(nnx.Module):
         return self.w[...]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...k,nk->...n", x, self.w[...].astype(x.dtype))
+        return linear(x, self.w[...])
 
 
 class Linear(nnx.Module):

@@ -6,7 +6,6 @@ walk a model of any size holding one block at a time; `load_model` assembles a w
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Iterable
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..formats.safetensors_io import CheckpointError, SafetensorsFile
+from ..validation import check_finite, read_json
 from .config import ModelConfig
 from .decoder import CausalLM, DecoderBlock
 from .layers import FloatWeight, Linear
@@ -70,8 +70,11 @@ class CheckpointReader:
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{index}: no \"weight_map\" object of tensor name -> shard file; restore or "
+                                      "re-download the index file")
             files = {}
             for fname in sorted(set(weight_map.values())):
                 fpath = os.path.join(path, fname)
@@ -91,6 +94,8 @@ class CheckpointReader:
                 f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints load)"
             )
 
+        self._checked: set[str] = set()
+
     def keys(self) -> list[str]:
         return list(self._where)
 
@@ -101,9 +106,14 @@ class CheckpointReader:
         return self._where[name].shape(name)
 
     def get(self, name: str) -> np.ndarray:
+        """The tensor as stored; a float tensor holding NaN or inf is refused (checked once per tensor)."""
         if name not in self._where:
             raise CheckpointError(f"{self.path}: tensor {name} is missing from the checkpoint")
-        return self._where[name].get(name)
+        arr = self._where[name].get(name)
+        if name not in self._checked:
+            check_finite(arr, name, self._where[name].path)
+            self._checked.add(name)
+        return arr
 
 
 def check_tensors(reader: CheckpointReader, cfg: ModelConfig) -> None:
@@ -154,12 +164,22 @@ class ModelSource:
     def __init__(self, name_or_path: str, dtype="auto", check: bool = True):
         self.path = resolve_model_path(name_or_path)
         self.config = ModelConfig.from_pretrained(self.path)
-        with open(os.path.join(self.path, "config.json")) as f:
-            self.hf_config = json.load(f)
+        self.hf_config = read_json(os.path.join(self.path, "config.json"))
         self.dtype = parse_dtype(dtype, self.hf_config.get("torch_dtype") or self.hf_config.get("dtype"))
         self.reader = CheckpointReader(self.path)
         if check:
-            check_tensors(self.reader, self.config)
+            try:
+                check_tensors(self.reader, self.config)
+            except CheckpointError:
+                qc = self.hf_config.get("quantization_config")
+                if isinstance(qc, dict):  # a packed export: say so rather than list its "missing" float weights
+                    method = qc.get("packing_format") or qc.get("quant_method") or "quantized"
+                    raise CheckpointError(
+                        f"{self.path} is a quantized checkpoint ({method}), not a float one: load it with "
+                        "load_quantized (generate, perplexity and eval do so), or dequantize it first with "
+                        f"`autoround-jax convert {self.path} DST --to float`"
+                    ) from None
+                raise
 
     def block(self, i: int, dtype=None) -> DecoderBlock:
         return load_block(self.reader, self.config, i, dtype or self.dtype)

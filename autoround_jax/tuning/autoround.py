@@ -29,13 +29,16 @@ from ..data.calibration import DatasetError, calibration_ids
 from ..models.decoder import CausalLM, DecoderBlock, Rotary, causal_mask, default_positions
 from ..models.layers import FloatWeight
 from ..models.loading import ModelSource, parse_dtype
+from ..models.precision import compute_dtype
 from ..models.params_table import module_at
 from ..quant.opt_rtn import opt_rtn
 from ..quant.qdq import QuantizedWeight, dequantize
+from ..validation import check_block, validate_before_tuning
 from .fake_quant import FakeQuantWeight, LayerScheme
 from .imatrix import collect_block_imatrix
 from .layer_selection import SCHEMES, resolve_layers
 from .signround import TuneSettings, padded_chunks, tune_block
+from .timing import PHASES, BlockTimer
 
 PRESETS = {
     "default": dict(iters=200, nsamples=128, seqlen=2048, batch_size=8),
@@ -89,6 +92,7 @@ class BlockReport:
     loss_best: float | None
     best_iter: int | None
     seconds: float
+    split: dict[str, float] = dataclasses.field(default_factory=dict)  # io/forward/step/compile/finalize seconds
 
 
 class AutoRound:
@@ -150,9 +154,10 @@ class AutoRound:
         self.not_use_best_mse = not_use_best_mse
         self.scale_dtype = parse_dtype(scale_dtype)
         self.progress = progress
-        on_accelerator = jax.default_backend() in ("gpu", "tpu")
-        # The reference tunes in bf16 (amp). XLA:CPU is not faster in bf16, so on a CPU we tune in fp32.
-        self.compute_dtype = jnp.bfloat16 if (amp and on_accelerator) else jnp.float32
+        # amp as the reference: bf16 matmul operands (f32 accumulation) on accelerators and on CPUs with bf16 units,
+        # fp32 elsewhere. V, the clip scales, the qdq and the loss stay fp32 either way (models/precision.py).
+        self.amp = bool(amp)
+        self.compute_dtype = compute_dtype(self.amp)
         if isinstance(model, CausalLM):
             self.source = _InMemorySource(model)
             self.model_path = None
@@ -199,10 +204,16 @@ class AutoRound:
         prefix = f"model.layers.{i}."
         return {k[len(prefix):]: s for k, s in self.layer_config.items() if k.startswith(prefix) and s is not None}
 
+    def _load_block(self, i: int) -> DecoderBlock:
+        """Block i for quantizing: in fp32 when computing in fp32; under amp in the model dtype (matmuls cast their
+        operands to bf16; the quantized linears' weights go to fp32 for the qdq)."""
+        return self.source.block(i, jnp.float32 if self.compute_dtype == jnp.float32 else self.model_dtype)
+
     def _to_fake_quant(self, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
         for name, scheme in schemes.items():
             lin = module_at(block, name)
-            lin.weight = FakeQuantWeight(lin.weight.w[...], scheme, self.scale_dtype, self.enable_minmax_tuning)
+            w = lin.weight.w[...].astype(jnp.float32)
+            lin.weight = FakeQuantWeight(w, scheme, self.scale_dtype, self.enable_minmax_tuning)
 
     def _finalize(self, i: int, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
         """Record integer codes and turn the fake-quant leaves back into float (qdq) weights."""
@@ -227,15 +238,31 @@ class AutoRound:
 
     def quantize(self) -> tuple[CausalLM, dict[str, LayerScheme | None]]:
         """Tune every selected block; returns (fake-quant model, layer_config) like the reference."""
+        validate_before_tuning(self)  # non-finite embedding/norm/head, vocab mismatch, dataset spec: before any block
         t_start = time.time()
+        try:
+            self._run_pipeline()
+        except jax.errors.JaxRuntimeError as e:
+            # XLA:CPU runs bf16 x bf16 -> f32 dots only where its bf16 library takes them; a shape it declines ends
+            # in "Unsupported element type for DotThunk". Never seen on the shapes we test, but a run must not die
+            # of it: start over in fp32, which every CPU runs.
+            if self.compute_dtype == jnp.float32 or "Unsupported element type" not in str(e):
+                raise
+            warnings.warn(f"XLA:CPU cannot run this model's bf16 matmuls ({str(e).splitlines()[0]}); quantizing in "
+                          "fp32 instead (as with amp=False)")
+            self.compute_dtype = jnp.float32
+            self.quantized.clear(), self.imatrix.clear(), self.reports.clear()
+            self._run_pipeline()
+        self.seconds = time.time() - t_start
+        return self.model(), self.layer_config
+
+    def _run_pipeline(self) -> None:
         if self.iters == 0 and self._needs_imatrix():
             self._quantize_opt_rtn()
         elif self.iters == 0:
             self._quantize_rtn()
         else:
             self._quantize_tuned()
-        self.seconds = time.time() - t_start
-        return self.model(), self.layer_config
 
     def _rtn_block(self, i: int, block: DecoderBlock, schemes: dict[str, LayerScheme],
                    imatrix: dict[str, np.ndarray]) -> None:
@@ -245,7 +272,7 @@ class AutoRound:
             if not self._uses_opt_rtn(scheme):
                 plain[name] = scheme
                 continue
-            w = module_at(block, name).weight.dequantize()
+            w = module_at(block, name).weight.dequantize().astype(jnp.float32)
             qw = opt_rtn(w, imatrix.get(name), scheme.bits, scheme.group_size, self.scale_dtype)
             self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(np.asarray, qw)
         if plain:
@@ -258,9 +285,10 @@ class AutoRound:
             t0 = time.time()
             schemes = self._block_schemes(i)
             if schemes:
-                block = self.source.block(i, self.compute_dtype)
+                block = self._load_block(i)
                 self._rtn_block(i, block, schemes, {})
             self.reports.append(BlockReport(i, None, None, None, time.time() - t0))
+            check_block(self, i)  # finite loss, scales and codes before anything is written
 
     def _quantize_opt_rtn(self) -> None:
         """iters=0 with opt-RTN (the reference's OptimizedRTNQuantizer): per block, run the float block on its float
@@ -277,7 +305,7 @@ class AutoRound:
             t0 = time.time()
             schemes = self._block_schemes(i)
             if i <= last:
-                block = self.source.block(i, self.compute_dtype)
+                block = self._load_block(i)
                 probed = [n for n, s in schemes.items() if self._uses_opt_rtn(s)]
                 x, sums = collect_block_imatrix(block, probed, x, cos, sin, mask, bs)
                 imatrix = {n: v / np.float32(nsamples) for n, v in sums.items()}  # the reference's imatrix_cnt
@@ -286,6 +314,7 @@ class AutoRound:
                     self._rtn_block(i, block, schemes, imatrix)
                 jax.block_until_ready(x)
             self.reports.append(BlockReport(i, None, None, None, time.time() - t0))
+            check_block(self, i)  # finite loss, scales and codes before anything is written
 
     def _block_inputs(self):
         """(first block's inputs [nsamples, T, D] from the calibration ids, cos, sin, mask for batch_size rows)."""
@@ -305,23 +334,28 @@ class AutoRound:
                                 self.not_use_best_mse)
         bar = self._progress(range(self.config.num_layers))
         for i in bar:
-            t0 = time.time()
-            block = self.source.block(i, self.compute_dtype)
+            timer = BlockTimer()
+            block = self._load_block(i)
+            timer.lap("io", nnx.state(block))
             y_fp = apply_block(block, x_fp, cos, sin, mask, bs)
+            timer.lap("forward", y_fp)
             schemes = self._block_schemes(i)
             report = BlockReport(i, None, None, None, 0.0)
             if schemes:
                 self._to_fake_quant(block, schemes)
                 r = tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng)
+                timer.lap("step")
                 report.loss_rtn, report.loss_best, report.best_iter = r.loss_rtn, r.loss_best, r.best_iter
                 self._finalize(i, block, schemes)
+                timer.lap("finalize")
                 if hasattr(bar, "set_postfix_str"):
                     bar.set_postfix_str(f"loss iter 0: {r.loss_rtn:.6g} -> best iter {r.best_iter}: {r.loss_best:.6g}")
             x_q = apply_block(block, x_q, cos, sin, mask, bs) if self.enable_quanted_input else y_fp
             x_fp = y_fp
-            jax.block_until_ready(x_q)
-            report.seconds = time.time() - t0
+            timer.lap("forward", x_q)
+            report.seconds, report.split = timer.total, dict(timer.seconds)
             self.reports.append(report)
+            check_block(self, i)  # finite loss, scales and codes before anything is written
 
     def _progress(self, it):
         return tqdm(it, desc="blocks", unit="block", disable=not self.progress, dynamic_ncols=True)
@@ -369,10 +403,16 @@ class AutoRound:
     def write_report(self, folder: str) -> None:
         """report.md (per-block RTN vs tuned loss, timing) and loss.png in the output folder."""
         lines = ["# autoround-jax quantization report", "", "```", self.summary(), "```", "",
-                 "| block | RTN loss (iter 0) | tuned loss | best iter | seconds |", "|---|---|---|---|---|"]
+                 f"amp: {jnp.dtype(self.compute_dtype).name} matmuls; seconds split per block into "
+                 "io (block load), forward (float targets and quantized inputs), step (the tuning loop), compile, "
+                 "finalize (codes and qdq weights).", "",
+                 "| block | RTN loss (iter 0) | tuned loss | best iter | seconds | "
+                 + " | ".join(PHASES) + " |", "|---|---|---|---|---|" + "---|" * len(PHASES)]
         for r in self.reports:
             fmt = lambda v: "-" if v is None else f"{v:.6g}"  # noqa: E731
-            lines.append(f"| {r.index} | {fmt(r.loss_rtn)} | {fmt(r.loss_best)} | {fmt(r.best_iter)} | {r.seconds:.2f} |")
+            split = " | ".join(f"{r.split[p]:.2f}" if r.split else "-" for p in PHASES)
+            lines.append(f"| {r.index} | {fmt(r.loss_rtn)} | {fmt(r.loss_best)} | {fmt(r.best_iter)} | {r.seconds:.2f} | "
+                         f"{split} |")
         with open(os.path.join(folder, "report.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
         tuned = [r for r in self.reports if r.loss_best is not None]
@@ -412,6 +452,10 @@ class AutoRound:
             f"time {self.seconds:.1f} s ({self.seconds / max(len(self.reports), 1):.2f} s per block), "
             f"peak host memory {peak_gb:.2f} GB",
         ]
+        splits = [r.split for r in self.reports if r.split]
+        if splits:
+            lines.append("time split: " + ", ".join(f"{p} {sum(sp[p] for sp in splits):.1f} s" for p in PHASES)
+                         + f" ({jnp.dtype(self.compute_dtype).name} matmuls)")
         if tuned:
             lines.append(f"mean block loss: RTN {np.mean([r.loss_rtn for r in tuned]):.6g} -> tuned "
                          f"{np.mean([r.loss_best for r in tuned]):.6g}")

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..models.precision import linear
 from ..quant.qdq import QuantizedWeight, group_len, minmax_init, num_groups, qdq, quantize_to_codes
 
 
@@ -74,4 +75,4 @@ class FakeQuantWeight(nnx.Module):
         return quantize_to_codes(*args, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...k,nk->...n", x, self.dequantize().astype(x.dtype))
+        return linear(x, self.dequantize())  # qdq in fp32; bf16 operands only inside the dot under amp

@@ -97,15 +97,19 @@ def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, 
         params, opt_state, best, best_loss, best_iter, loss0 = carry
         idx = indices[i].reshape(gas, batch_size)
 
-        def micro(acc, j):
-            loss, g = grad_fn(params, x_q[j], y_fp[j])
-            return jax.tree.map(jnp.add, acc, (loss, g)), None
+        if gas == 1:  # no accumulator: saves a zero-fill and an add over every trainable element per iteration
+            loss, grads = grad_fn(params, x_q[idx[0]], y_fp[idx[0]])
+        else:
+            def micro(acc, j):
+                loss, g = grad_fn(params, x_q[j], y_fp[j])
+                return jax.tree.map(jnp.add, acc, (loss, g)), None
 
-        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(micro, zero, idx)
-        loss = loss / gas
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(micro, zero, idx)
+            loss = loss / gas
         take = (i == iters - 1) if not_use_best_mse else (loss < best_loss)
-        best = jax.tree.map(lambda b, p: jnp.where(take, p, b), best, params)
+        # Copy the parameters only on the iterations that improve (a select would rewrite every element each time).
+        best = jax.lax.cond(take, lambda: params, lambda: best)
         best_loss = jnp.where(take, loss, best_loss)
         best_iter = jnp.where(take, i, best_iter)
         loss0 = jnp.where(i == 0, loss, loss0)

@@ -56,8 +56,10 @@ def reference_export(src: str, out: str, fmt: str, iters: int = 0, **scheme) -> 
         kw.update(disable_opt_rtn=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     os.environ["AR_ALLOW_W8_ASYM"] = "1"  # 0.16.1 refuses 8-bit asym for vLLM's sake unless asked
+    # amp=False pins fp32: by default the reference autocasts to bf16 on CPUs with bf16 units (and not on AVX2-only
+    # ones), so its codes and scales would depend on the host. Ours is pinned to fp32 on the other side.
     ar = AutoRound(model, tokenizer=DummyTokenizer(), iters=iters, device_map="cpu", enable_torch_compile=False,
-                   format=fmt, **kw)
+                   format=fmt, amp=False, **kw)
     ar.quantize_and_save(output_dir=out, format=fmt)
     (folder,) = glob.glob(os.path.join(out, "*", "config.json"))  # it appends a "w4g32"-style subfolder
     return os.path.dirname(folder)

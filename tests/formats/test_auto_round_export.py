@@ -17,7 +17,8 @@ VERSION_KEYS = ("autoround_version", "autoround_jax_version")
 
 
 def our_export(src: str, out: str, fmt: str, **kw) -> str:
-    ar = AutoRound(src, tokenizer=object(), iters=0, disable_opt_rtn=True, model_dtype="fp32", progress=False, **kw)
+    ar = AutoRound(src, tokenizer=object(), iters=0, disable_opt_rtn=True, model_dtype="fp32", progress=False, amp=False,
+                   **kw)  # the reference is pinned to amp=False too (tests/formats/reference.py)
     ar.quantize()
     return ar.save_quantized(out, format=fmt)
 
@@ -62,7 +63,7 @@ def test_export_loads_in_transformers_like_ours(case, tiny_src, tmp_path):
 
 def test_tuned_export_records_the_reference_settings(tiny_src, reference_folder, tmp_path):
     ar = AutoRound(tiny_src("qwen2_tune"), tokenizer=object(), dataset=reference.calibration_ids(), bits=4,
-                   group_size=32, sym=True, model_dtype="fp32", progress=False, **reference.TUNED)
+                   group_size=32, sym=True, model_dtype="fp32", progress=False, amp=False, **reference.TUNED)
     ar.quantize()
     ours = ar.save_quantized(str(tmp_path / "out"), format="auto_round")
     assert read_config(ours)[1] == read_config(reference_folder("tuned"))[1]

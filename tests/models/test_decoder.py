@@ -40,3 +40,25 @@ def test_left_padded_batch_matches_unpadded(pair):
     with torch.no_grad():
         ref = torch_model(torch.from_numpy(ids[1:, 5:]).long()).logits.numpy()
     assert np.abs(got[1, 5:] - ref[0]).max() <= 1e-4 * max(np.abs(ref).max(), 1.0)
+
+
+def test_bf16_forward_and_cached_decoding_match_the_bf16_torch_model(pair, tmp_path):
+    """A bf16 model (bf16 matmul operands with f32 accumulation, heads-major attention) against transformers' bf16
+    forward of the same weights, and its cached step logits against its own full forward."""
+    torch_model, _ = pair
+    ours = load_model(save_model(torch_model, str(tmp_path)), dtype="bf16")
+    ids = np.random.default_rng(3).integers(3, 301, size=(2, 13)).astype(np.int32)
+    with torch.no_grad():
+        ref = torch_model.to(torch.bfloat16)(torch.from_numpy(ids).long()).logits.float().numpy()
+    torch_model.to(torch.float32)
+    got = np.asarray(ours(ids))
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 3e-2 * max(scale, 1.0), np.abs(got - ref).max()
+
+    from autoround_jax.models.decoder import KVCache
+
+    cache = KVCache.init(ours.config, 2, 16, ours.dtype)
+    pos = np.broadcast_to(np.arange(13, dtype=np.int32), (2, 13))
+    first, cache = ours.forward_cached(ids[:, :12], pos[:, :12], np.ones((2, 12), bool), cache)
+    last, _ = ours.forward_cached(ids[:, 12:], pos[:, 12:], np.ones((2, 1), bool), cache)
+    np.testing.assert_allclose(np.asarray(last)[:, 0], got[:, 12], atol=3e-2 * max(scale, 1.0))

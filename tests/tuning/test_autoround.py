@@ -96,3 +96,47 @@ def test_empty_and_short_datasets(folder, tmp_path):
     empty.write_text("")
     with pytest.raises(DatasetError, match="empty"):
         calibration_ids(str(empty), tokenizer=object(), nsamples=2, seqlen=8)
+
+
+def test_amp_on_a_bf16_cpu_tunes_in_bf16_and_records_it(folder, ids, monkeypatch):
+    """amp=True on a CPU with bf16 units (forced here, so any host runs it): bf16 matmul operands, every block still
+    beats RTN, losses close to the fp32 run's, and the export config records the precision actually used."""
+    import jax.numpy as jnp
+
+    from autoround_jax.formats.auto_round import tuning_settings
+
+    monkeypatch.setenv("AUTOROUND_JAX_CPU_BF16", "1")
+    bf16 = _run(folder, ids)
+    fp32 = _run(folder, ids, amp=False)
+    assert bf16.compute_dtype == jnp.bfloat16 and fp32.compute_dtype == jnp.float32
+    for a, b in zip(bf16.reports, fp32.reports):
+        assert a.loss_best < a.loss_rtn, a
+        assert abs(a.loss_rtn - b.loss_rtn) <= 0.05 * b.loss_rtn, (a, b)
+    assert "amp" not in tuning_settings(bf16)  # the reference's default amp=True is not written
+    assert tuning_settings(fp32)["amp"] is False
+    monkeypatch.setenv("AUTOROUND_JAX_CPU_BF16", "0")
+    assert _run(folder, ids, iters=2).compute_dtype == jnp.float32  # AVX2-only CPUs: amp falls back to fp32
+
+
+def test_a_bf16_dot_xla_cpu_declines_falls_back_to_fp32(folder, ids, monkeypatch):
+    """XLA:CPU answers bf16 x bf16 -> f32 dots it cannot map to its bf16 library with 'Unsupported element type for
+    DotThunk': the run starts over in fp32 with a warning instead of dying."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setenv("AUTOROUND_JAX_CPU_BF16", "1")
+    real, calls = AutoRound._quantize_tuned, []
+
+    def declining(self):
+        calls.append(jnp.dtype(self.compute_dtype).name)
+        if self.compute_dtype == jnp.bfloat16:
+            real(self)  # some blocks finish before the failure: their results must be dropped
+            raise jax.errors.JaxRuntimeError("UNIMPLEMENTED: Unsupported element type for DotThunk::Execute: "
+                                             "BF16 x BF16 = F32")
+        real(self)
+
+    monkeypatch.setattr(AutoRound, "_quantize_tuned", declining)
+    with pytest.warns(UserWarning, match="quantizing in fp32 instead"):
+        ar = _run(folder, ids, iters=5)
+    assert calls == ["bfloat16", "float32"] and ar.compute_dtype == jnp.float32
+    assert len(ar.reports) == 3 and len(ar.quantized) == 21

@@ -10,7 +10,8 @@ from autoround_jax.tuning.autoround import AutoRound, apply_block
 from tests.tiny_models import build_model, save_model
 
 NS, T, BS = 6, 24, 4  # 6 samples in batches of 4: the last batch is padded, and padded rows must not count
-SMALL = dict(iters=0, nsamples=NS, seqlen=T, batch_size=BS, group_size=32, model_dtype="fp32", progress=False)
+SMALL = dict(iters=0, nsamples=NS, seqlen=T, batch_size=BS, group_size=32, model_dtype="fp32", progress=False,
+             amp=False)  # fp32, as the transformers oracle computes
 
 
 @pytest.fixture(scope="module", params=["qwen3_tune", "qwen2_tune"])

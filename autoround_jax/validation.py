@@ -1,0 +1,196 @@
+"""Checks that keep bad input from becoming a bad model: non-finite values, token ids beyond the vocabulary,
+metadata files that are not what their name says.
+
+Every check raises a ValueError subclass whose first line names the problem, the tensor or file, and the fix; the
+command line prints that line as `autoround-jax: error: ...` (exit 2). The checks are called from one place each:
+the checkpoint reader (every float tensor read from disk), the folder writer (every float tensor written), the
+tuner's block loops (each block's loss, scales and codes) and the entry of `AutoRound.quantize`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from .formats.safetensors_io import CheckpointError
+
+_FLOAT_DTYPES = {np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)}
+_CHUNK = 1 << 24  # elements per isfinite pass: bounds the temporary boolean array on huge tensors
+_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class NonFiniteError(ValueError):
+    """A weight, scale or loss is NaN or infinite: the model would be garbage."""
+
+
+class VocabularyError(ValueError):
+    """Token ids (or a tokenizer) that do not fit the model's embedding."""
+
+
+def is_float(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype in _FLOAT_DTYPES
+
+
+def describe(name: str) -> str:
+    """'model.layers.3.mlp.up_proj.weight' -> 'model.layers.3.mlp.up_proj.weight (block 3)'."""
+    m = _BLOCK.search(name)
+    return f"{name} (block {m.group(1)})" if m else name
+
+
+def count_nonfinite(a) -> tuple[int, int]:
+    """(number of NaNs, number of infinities) in a float array (numpy or JAX); (0, 0) for integer arrays."""
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+    if not is_float(a.dtype) or a.size == 0:
+        return 0, 0
+    flat = a.reshape(-1)
+    if all(bool(np.isfinite(flat[i : i + _CHUNK]).all()) for i in range(0, flat.size, _CHUNK)):
+        return 0, 0  # the common case: one cheap pass, no counting
+    nan = sum(int(np.isnan(flat[i : i + _CHUNK]).sum()) for i in range(0, flat.size, _CHUNK))
+    return nan, sum(int(np.isinf(flat[i : i + _CHUNK]).sum()) for i in range(0, flat.size, _CHUNK))
+
+
+def check_finite(a, name: str, source: str = "", fix: str | None = None) -> None:
+    """Raise NonFiniteError if the float array a (tensor `name`, read from or written to `source`) holds NaN/inf."""
+    nan, inf = count_nonfinite(a)
+    if nan or inf:
+        where = f" in {source}" if source else ""
+        fix = fix or "the checkpoint is damaged or was saved after a diverged run: re-download or re-export it"
+        raise NonFiniteError(f"non-finite values in {describe(name)}{where}: {nan} NaN, {inf} inf of "
+                             f"{np.size(a)} values; {fix}")
+
+
+def check_quantized(qw, name: str) -> None:
+    """A quantized layer's scales (finite in scale_dtype: a float16 scale overflows to inf) and codes/zeros (within
+    [0, 2^bits - 1]) before anything is written. Packed exports store scales in float16 whatever scale_dtype was;
+    an fp32 scale beyond float16 is caught when its tensor is written (hf_folder.write_sharded)."""
+    scales = np.asarray(qw.scales).astype(np.float32)
+    nan, inf = count_nonfinite(scales)
+    keep = f"keep it in float (--fp_layers {name})"
+    if nan or inf:
+        raise NonFiniteError(f"non-finite quantization scales for {describe(name)}: {nan} NaN, {inf} inf; the layer's "
+                             f"weights or calibration activations overflow: check the checkpoint, or {keep}")
+    top = 2**qw.bits - 1
+    for what, arr in (("codes", qw.codes), ("zeros", qw.zeros)):
+        arr = np.asarray(arr)
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > top):
+            raise NonFiniteError(f"{what} of {describe(name)} leave [0, {top}] for {qw.bits} bits "
+                                 f"(range {int(arr.min())}..{int(arr.max())}): this is a bug, please report it")
+
+
+def check_block(ar, i: int) -> None:
+    """After block i of an AutoRound run: its loss is finite and its quantized layers are exportable."""
+    r = ar.reports[-1] if ar.reports else None
+    if r is not None and r.index == i:
+        for label, v in (("RTN (iteration 0)", r.loss_rtn), ("best", r.loss_best)):
+            if v is not None and not math.isfinite(v):
+                raise NonFiniteError(
+                    f"block {i} (model.layers.{i}): the {label} tuning loss is {v}: the block's outputs overflow or "
+                    "its inputs are not finite; load the model in fp32 (--model_dtype fp32) or check the checkpoint"
+                )
+    prefix = f"model.layers.{i}."
+    for name, qw in ar.quantized.items():
+        if name.startswith(prefix):
+            check_quantized(qw, name)
+
+
+# -- token ids -------------------------------------------------------------------------------------------------------
+def tokenizer_max_id(tokenizer) -> int | None:
+    """The largest id a tokenizer can produce (its vocabulary and added tokens), or None if it cannot say."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    try:
+        vocab = get_vocab()
+    except Exception:  # a tokenizer-like object without a real vocabulary
+        return None
+    return max(vocab.values()) if vocab else None
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, model: str | None = None) -> None:
+    """The tokenizer's ids must all index the model's embedding (vocab_size rows). A tokenizer smaller than a padded
+    embedding is normal; a larger one belongs to another model."""
+    top = tokenizer_max_id(tokenizer)
+    if top is not None and top >= vocab_size:
+        where = f" of {model}" if model else ""
+        raise VocabularyError(
+            f"the tokenizer produces token ids up to {top} but the model{where} has vocab_size {vocab_size} "
+            "(config.json): the tokenizer belongs to another model; use the model's own tokenizer files"
+        )
+
+
+def check_ids_fit(ids, vocab_size: int, what: str = "token ids") -> None:
+    """Token ids in [0, vocab_size): out-of-range ids give NaN logits, not an error, in JAX."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise VocabularyError(
+            f"{what} range over {lo}..{hi} but the model's vocab_size is {vocab_size}: the tokenizer (or the ids) "
+            "belong to another model; use the model's own tokenizer"
+        )
+
+
+# -- metadata files --------------------------------------------------------------------------------------------------
+def read_text(path: str, what: str = "file") -> str:
+    """A UTF-8 text file, or one line naming the file and what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, expected a {what}") from None
+    if b"\x00" in raw[:8192]:
+        raise CheckpointError(f"{path}: is a binary file, expected a UTF-8 {what}; pass the right file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}), expected a "
+                              f"UTF-8 {what}; re-save it as UTF-8 or pass the right file") from None
+
+
+def read_json(path: str, expect: type = dict, what: str = "JSON file") -> Any:
+    """A JSON file that must hold an `expect` (dict: an object), or one line naming the file and the fault."""
+    text = read_text(path, what)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}); restore or "
+                              "re-download the file") from None
+    if expect is not None and not isinstance(obj, expect):
+        kind = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
+        raise CheckpointError(f"{path}: expected {kind}, found {type(obj).__name__}; restore or re-download "
+                              "the file")
+    return obj
+
+
+# -- before the first block ------------------------------------------------------------------------------------------
+def validate_before_tuning(ar) -> None:
+    """Everything AutoRound.quantize can check before any block is loaded: the embedding, final norm and lm_head
+    are finite; the tokenizer and any given token ids fit the model's vocabulary; the dataset spec is readable."""
+    from .data.calibration import check_dataset
+
+    cfg = ar.config
+    reader = getattr(ar.source, "reader", None)
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    if reader is not None:
+        for name in names:
+            reader.get(name)  # the reader checks every float tensor it hands out
+    else:  # a model already in memory
+        check_finite(ar.source.tensor("model.embed_tokens.weight"), "model.embed_tokens.weight")
+    if not (ar.iters > 0 or ar._needs_imatrix()):
+        return  # plain RTN reads no calibration data and never uses the tokenizer
+    if isinstance(ar.dataset, np.ndarray):
+        check_ids_fit(ar.dataset, cfg.vocab_size, "calibration token ids")
+        return
+    if ar.tokenizer is not None and not (isinstance(ar.dataset, str) and ar.dataset.strip() == "self"):
+        check_tokenizer_fits(ar.tokenizer, cfg.vocab_size, ar.model_path)  # text calibration: ids must fit
+    if isinstance(ar.dataset, str) or ar.dataset is None:
+        check_dataset(ar.dataset)
