@@ -6,6 +6,7 @@ Numbers behind the defaults: docs/benchmarks.md (H100).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -100,3 +101,36 @@ def prefer_xla(m: int, w: PackedWeight) -> bool:
 
 def compiler_params(num_warps: int, num_stages: int) -> Any:
   return _triton.CompilerParams(num_warps=num_warps, num_stages=num_stages) if _triton else None
+
+
+def variants(m: int, w: PackedWeight) -> list[tuple[str, KernelConfig, Any]]:
+  """Named (config, compiler params) candidates around `choose`'s pick, for benchmark sweeps.
+
+  The first entry is `choose` itself ("default"); the others change one knob each: split-K doubled or halved,
+  N blocks twice as wide, two tiles' loads in flight (`prefetch=2`), 8 warps, and at M <= 2 the 16-row dot path
+  instead of the dot-free gemv. Each is kept only if it tiles the weight (`supports`); none is used by
+  `int_matmul` unless `choose` is changed to pick it.
+  """
+  base = choose(m, w)
+  if base is None:
+    return []
+  cfg, params = base
+  warps = 8 if m > 64 else 4
+  tiles = w.k_pad // w.tile_k
+  out = [("default", cfg, params)]
+
+  def add(name, c, p=params):
+    if supports(w, c) and c.block_n >= 16 and all(c != o[1] or p != o[2] for o in out):
+      out.append((name, c, p))
+
+  if tiles % (cfg.split_k * 2) == 0:
+    add(f"split{cfg.split_k * 2}", dataclasses.replace(cfg, split_k=cfg.split_k * 2))
+  if cfg.split_k > 1:
+    add(f"split{cfg.split_k // 2}", dataclasses.replace(cfg, split_k=cfg.split_k // 2))
+  if w.n % (cfg.block_n * 2) == 0:
+    add(f"bn{cfg.block_n * 2}", dataclasses.replace(cfg, block_n=cfg.block_n * 2))
+  add("prefetch2", dataclasses.replace(cfg, prefetch=2))
+  add("warps8" if warps != 8 else "warps4", cfg, compiler_params(4 if warps == 8 else 8, 3))
+  if cfg.kind == "gemv":
+    add("gemm bm16", dataclasses.replace(cfg, kind="gemm", block_m=16))
+  return out

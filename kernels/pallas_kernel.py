@@ -5,7 +5,8 @@ output tile and one K chunk of `tiles` bit-plane tiles (see kernels.layout).
 Per tile it reads one [plane, block_n] int32 word block plus the tile's
 single group row of scales and zeros. The next tile's words and group rows
 are loaded before the current tile is computed (carried through the loop), so
-their latency overlaps the dequant math. Codes become floats by OR-ing them
+their latency overlaps the dequant math; `KernelConfig.prefetch` > 1 keeps that
+many tiles' loads in flight instead of one. Codes become floats by OR-ing them
 into the mantissa of 2**23 (integer-pipe ops, no int->float conversion); the
 zero point is subtracted per element and the scale is applied once per tile
 to the partial product, not per weight.
@@ -47,6 +48,9 @@ class KernelConfig:
   block_n: int
   split_k: int = 1
   split_mode: Literal["partials", "revisit"] = "partials"
+  # Tiles whose words and group rows are loaded ahead of the one being computed: 1 (the default) carries the next
+  # tile through the loop; 2 or more keep that many loads in flight (a variant for latency-bound decode shapes).
+  prefetch: int = 1
 
 
 def _fields(words: jax.Array, zero: jax.Array, bits: int):
@@ -84,32 +88,47 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, bits: int, group_size: int, pl
     words = w_ref[pl.ds(pl.multiple_of(t * plane, plane), plane), :]
     return words, s_ref[pl.ds(g, 1), :].astype(jnp.float32), z_ref[pl.ds(g, 1), :]
 
+  def gemm_tile(t, acc, words, scale, zero):
+    xs = x_ref[:, pl.ds(pl.multiple_of(t * tile_k, tile_k), tile_k)]
+    w = _slab(words, zero, bits).reshape(tile_k, bn).astype(xs.dtype)
+    return acc + jnp.dot(xs, w, preferred_element_type=jnp.float32) * scale
+
+  def gemv_tile(t, accs, words, scale, zero):
+    parts = [None] * bm
+    for i, d in _fields(words, zero, bits):
+      for r in range(bm):
+        p = x_ref[t * per_word + i, :, pl.ds(r, 1)].astype(jnp.float32) * d
+        parts[r] = p if parts[r] is None else parts[r] + p
+    return tuple(acc + p * scale for acc, p in zip(accs, parts))
+
+  tile_fn = gemm_tile if cfg.kind == "gemm" else gemv_tile
   if cfg.kind == "gemm":
+    acc0 = jnp.zeros((bm, bn), jnp.float32)
+  else:
+    acc0 = tuple(jnp.zeros((plane, bn), jnp.float32) for _ in range(bm))
+
+  if cfg.prefetch <= 1:
     def body(t, carry):
       acc, (words, scale, zero) = carry
       nxt = fetch(t + 1)
-      xs = x_ref[:, pl.ds(pl.multiple_of(t * tile_k, tile_k), tile_k)]
-      w = _slab(words, zero, bits).reshape(tile_k, bn).astype(xs.dtype)
-      return acc + jnp.dot(xs, w, preferred_element_type=jnp.float32) * scale, nxt
+      return tile_fn(t, acc, words, scale, zero), nxt
 
-    acc0 = jnp.zeros((bm, bn), jnp.float32)
     acc, _ = jax.lax.fori_loop(0, tiles, body, (acc0, fetch(0)))
+  else:
+    depth = cfg.prefetch
+
+    def body(t, carry):
+      acc, pending = carry  # pending[j] holds tile t + j
+      nxt = fetch(t + depth)
+      return tile_fn(t, acc, *pending[0]), (*pending[1:], nxt)
+
+    acc, _ = jax.lax.fori_loop(0, tiles, body, (acc0, tuple(fetch(j) for j in range(depth))))
+
+  if cfg.kind == "gemm":
     _store(o_ref, slice(None), acc, cfg, chunk)
   else:
-    def body(t, carry):
-      accs, (words, scale, zero) = carry
-      nxt = fetch(t + 1)
-      parts = [None] * bm
-      for i, d in _fields(words, zero, bits):
-        for r in range(bm):
-          p = x_ref[t * per_word + i, :, pl.ds(r, 1)].astype(jnp.float32) * d
-          parts[r] = p if parts[r] is None else parts[r] + p
-      return tuple(acc + p * scale for acc, p in zip(accs, parts)), nxt
-
-    accs0 = tuple(jnp.zeros((plane, bn), jnp.float32) for _ in range(bm))
-    accs, _ = jax.lax.fori_loop(0, tiles, body, (accs0, fetch(0)))
-    for r, acc in enumerate(accs):
-      _store(o_ref, r, jnp.sum(acc, axis=0), cfg, chunk)
+    for r, a in enumerate(acc):
+      _store(o_ref, r, jnp.sum(a, axis=0), cfg, chunk)
 
 
 def _store(o_ref, rows, value: jax.Array, cfg: KernelConfig, chunk: jax.Array) -> None:
