@@ -4,11 +4,33 @@ Public API: load_model, load_quantized, load_tokenizer, generate, perplexity (an
 Importing this package never imports torch.
 """
 
-from .models import CausalLM, ModelConfig, load_model
-from .tokenizer import load_tokenizer
-from .generation import generate
-from .evaluation import perplexity
-from .formats.quantized_import import load_quantized
+import importlib.abc as _abc
+import importlib.util as _util
+import os as _os
+import sys as _sys
+
+
+class _SourceTreeKernels(_abc.MetaPathFinder):
+    """`pip install` maps the top-level kernels/ folder to autoround_jax.kernels (pyproject's package-dir). A source
+    tree used without installing it (PYTHONPATH=checkout, as on a bare GPU machine) gets the same name here."""
+
+    _dir = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != __name__ + ".kernels" or not _os.path.isfile(_os.path.join(self._dir, "__init__.py")):
+            return None
+        return _util.spec_from_file_location(fullname, _os.path.join(self._dir, "__init__.py"),
+                                             submodule_search_locations=[self._dir])
+
+
+if not any(isinstance(f, _SourceTreeKernels) for f in _sys.meta_path):
+    _sys.meta_path.append(_SourceTreeKernels())  # after the installed finders: an install always wins
+
+from .models import CausalLM, ModelConfig, load_model  # noqa: E402
+from .tokenizer import load_tokenizer  # noqa: E402
+from .generation import generate  # noqa: E402
+from .evaluation import perplexity  # noqa: E402
+from .formats.quantized_import import load_quantized  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["CausalLM", "ModelConfig", "load_model", "load_quantized", "load_tokenizer", "generate", "perplexity",

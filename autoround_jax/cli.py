@@ -97,7 +97,7 @@ def check_ranges(args: argparse.Namespace) -> None:
 def cmd_convert_gguf(args: argparse.Namespace) -> None:
     from .default_model import find_default_gguf
     from .formats.gguf_convert import convert_gguf_to_hf
-    from .formats.hf_folder import check_output_path
+    from .io.hf_folder import check_output_path
 
     check_output_path(args.output_dir, args.overwrite, "output_dir")
     src = args.gguf or find_default_gguf()
@@ -107,7 +107,7 @@ def cmd_convert_gguf(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .formats.hf_folder import check_output_path
+    from .io.hf_folder import check_output_path
     from .formats.quantized_import import convert
 
     check_output_path(args.dst, args.overwrite, "dst")
@@ -143,7 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """The README's main job on the embedded model: quantize (RTN and tuned), export, perplexity before/after."""
     from . import generate, load_model, load_quantized, load_tokenizer
     from .evaluation import perplexity_and_count
-    from .formats.hf_folder import check_output_path
+    from .io.hf_folder import check_output_path
     from .tuning.autoround import AutoRound
     from .validation import check_tokenizer_fits
 
@@ -275,7 +275,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     name = os.path.basename(os.path.normpath(model or path))
     suffix = f"g{s.group_size}" if s.group_size > 0 else "a16"  # the reference's folder naming
     out = os.path.join(args.output_dir, f"{name}-w{s.bits}{suffix}")
-    from .formats.hf_folder import check_output_path
+    from .io.hf_folder import check_output_path
 
     check_output_path(out, args.overwrite)  # a file in the way or a non-empty folder fails before hours of tuning
     if args.eval and not args.disable_eval:

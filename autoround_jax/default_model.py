@@ -10,7 +10,7 @@ import importlib.util
 import os
 
 from autoround_jax.formats.gguf_convert import convert_gguf_to_hf
-from autoround_jax.formats.hf_folder import OutputExistsError
+from autoround_jax.io.hf_folder import OutputExistsError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

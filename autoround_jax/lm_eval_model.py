@@ -30,7 +30,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from .generation import sample_logits
-from .models.decoder import CausalLM, KVCache, causal_mask, default_positions
+from .models.decoder import CausalLM, KVCache, default_positions
 
 
 def _pow2(n: int, floor: int) -> int:
@@ -48,13 +48,7 @@ def bucket(n: int, cap: int | None = None) -> int:
 
 def _last_logits(model: CausalLM, ids: jax.Array, mask: jax.Array, c: int) -> jax.Array:
     """Logits [B, c, V] of the last c positions only: projecting all T positions would cost [B, T, V] memory."""
-    b, t = ids.shape
-    h = model.embed(ids)
-    cos, sin = model.rotary(default_positions(mask, b, t), h.dtype)
-    attn = causal_mask(mask, b, t)
-    for block in model.layers:
-        h, _ = block(h, cos, sin, attn)
-    return model.logits(h[:, -c:])
+    return model.logits(model.hidden(ids, mask)[:, -c:])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "c"))

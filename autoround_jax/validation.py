@@ -18,7 +18,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .formats.safetensors_io import CheckpointError
+from .io.safetensors_io import CheckpointError
 
 _FLOAT_DTYPES = {np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)}
 _CHUNK = 1 << 24  # elements per isfinite pass: bounds the temporary boolean array on huge tensors

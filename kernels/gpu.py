@@ -11,8 +11,8 @@ from typing import Any
 
 import jax
 
-from kernels.layout import PackedWeight
-from kernels.pallas_kernel import KernelConfig, supports
+from .layout import PackedWeight
+from .pallas_kernel import KernelConfig, supports
 
 try:
   from jax.experimental.pallas import triton as _triton

@@ -5,10 +5,10 @@ from typing import Any, Literal
 
 import jax
 
-from kernels import gpu, tpu
-from kernels.layout import PackedWeight
-from kernels.pallas_kernel import KernelConfig, pallas_matmul
-from kernels.xla import xla_matmul
+from . import gpu, tpu
+from .layout import PackedWeight
+from .pallas_kernel import KernelConfig, pallas_matmul
+from .xla import xla_matmul
 
 Backend = Literal["auto", "xla", "pallas"]
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.layout import PackedWeight
+from .layout import PackedWeight
 
 # f32 bits of 2**23: OR-ing a code q < 2**23 into the mantissa gives exactly
 # 2**23 + q, avoiding int->float conversions (quarter-rate on GPUs).

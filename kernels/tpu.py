@@ -11,8 +11,8 @@ from typing import Any
 
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.layout import PackedWeight
-from kernels.pallas_kernel import KernelConfig, supports
+from .layout import PackedWeight
+from .pallas_kernel import KernelConfig, supports
 
 LANES = 128
 VMEM_LIMIT = 64 * 1024 * 1024

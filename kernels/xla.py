@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.layout import PackedWeight, dequantize
+from .layout import PackedWeight, dequantize
 
 # Largest M served by the multiply-reduce form (it redoes the dequant per row), on GPUs only.
 # H100, 5120x27648: M=1 reduce 218 µs vs dot 247 µs; M=4 reduce 732 µs vs dot 270 µs.

@@ -39,7 +39,7 @@ RANDOM = {  # Qwen3-shaped random checkpoints: (layers, hidden, intermediate, he
 def write_random_qwen3(folder: str, size: str) -> str:
     import ml_dtypes
 
-    from autoround_jax.formats.safetensors_io import save_file
+    from autoround_jax.io.safetensors_io import save_file
     from autoround_jax.models.config import ModelConfig
     from autoround_jax.models.params_table import expected_tensors
 

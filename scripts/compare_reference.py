@@ -27,8 +27,8 @@ import numpy as np
 
 def dequantize_reference_export(folder: str, src: str, dst: str) -> str:
     """auto_round:auto_gptq export -> float HF folder: W[n, k] = (q - (qzeros + 1)) * scales[k // G, n]."""
-    from autoround_jax.formats.hf_folder import copy_tokenizer_files
-    from autoround_jax.formats.safetensors_io import load_file, save_file
+    from autoround_jax.io.hf_folder import copy_tokenizer_files
+    from autoround_jax.io.safetensors_io import load_file, save_file
     from autoround_jax.quant.pack import unpack_cols, unpack_rows
 
     cfg = json.load(open(os.path.join(folder, "config.json")))

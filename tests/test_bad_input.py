@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from autoround_jax.cli import run
-from autoround_jax.formats.safetensors_io import load_file, save_file
+from autoround_jax.io.safetensors_io import load_file, save_file
 from tests.tiny_models import build_model, save_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -250,7 +250,7 @@ def test_layer_config_faults(bare, tmp_path, capsys, layer_config, fragments):
 
 def test_layer_config_regex_and_float_head_are_accepted(bare):
     from autoround_jax.models.config import ModelConfig
-    from autoround_jax.tuning.fake_quant import LayerScheme
+    from autoround_jax.quant.scheme import LayerScheme
     from autoround_jax.tuning.layer_selection import resolve_layers
 
     cfg = ModelConfig.from_pretrained(bare)

@@ -93,7 +93,7 @@ def test_opt_rtn_flags_presets_and_console_script():
 def test_disable_opt_rtn_keeps_plain_rtn_without_data(tmp_path, capsys):
     """A folder without a tokenizer: plain RTN (flag or rtn recipe) runs; default iters 0 (opt-RTN) explains."""
     from autoround_jax.cli import run
-    from autoround_jax.formats.safetensors_io import load_file
+    from autoround_jax.io.safetensors_io import load_file
 
     src = save_model(build_model("qwen3_tune", num_layers=1), str(tmp_path / "tiny"))
     common = ["--model", src, "--bits", "4", "--group_size", "32", "--model_dtype", "fp32", "--format", "fake"]

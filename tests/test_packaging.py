@@ -10,7 +10,7 @@ import sys
 import tomllib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-OWN = {"autoround_jax", "kernels"}
+OWN = {"autoround_jax", "kernels"}  # kernels/ installs as autoround_jax.kernels
 # Imported only where missing is handled: lm_eval (the `eval` extra; a one-line install hint), datasets (used when
 # present, else huggingface_hub downloads the files), torch (never).
 OPTIONAL = {"lm_eval", "datasets"}
@@ -90,3 +90,34 @@ def test_cli_silences_transformers_noise_but_not_other_warnings(capfd, monkeypat
         log.removeHandler(handler)
     err = capfd.readouterr().err
     assert "Token indices" not in err and "some other tokenizer warning" in err
+
+
+def test_the_listed_packages_are_every_package_folder():
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    folders = {"autoround_jax." + os.path.relpath(d, os.path.join(ROOT, "autoround_jax")).replace(os.sep, ".")
+               for d, _, files in os.walk(os.path.join(ROOT, "autoround_jax")) if "__init__.py" in files}
+    folders = {f.replace("autoround_jax..", "autoround_jax") for f in folders} | {"autoround_jax.kernels"}
+    assert listed == folders
+
+
+def test_the_wheel_installs_kernels_inside_our_namespace(tmp_path):
+    """kernels/ is a top-level folder of the checkout, but `pip install .` must not put a top-level `kernels` package
+    into site-packages: the PyPI package of that name (used by recent transformers) would collide with it."""
+    import subprocess
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), ROOT], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"autoround_jax"}
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "autoround_jax/kernels/int_matmul.py" in names and "autoround_jax/kernels/__init__.py" in names
+
+
+def test_a_source_tree_without_install_finds_the_kernels_too():
+    import autoround_jax
+
+    spec = autoround_jax._SourceTreeKernels().find_spec("autoround_jax.kernels")
+    assert spec is not None and spec.origin == os.path.join(os.path.abspath(ROOT), "kernels", "__init__.py")
+    assert autoround_jax._SourceTreeKernels().find_spec("kernels") is None

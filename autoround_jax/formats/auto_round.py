@@ -26,9 +26,9 @@ from ..models.config import ModelConfig
 from ..models.params_table import BLOCK_PREFIX, BLOCK_TENSORS, GLOBAL_TENSORS, block_prefix, linear_shape
 from ..quant.pack import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
 from ..quant.qdq import QuantizedWeight, group_len, num_groups
-from ..tuning.fake_quant import LayerScheme
-from .hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
-from .safetensors_io import CheckpointError
+from ..quant.scheme import LayerScheme
+from ..io.hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
+from ..io.safetensors_io import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)

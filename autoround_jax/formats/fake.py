@@ -14,7 +14,7 @@ import numpy as np
 
 from ..models.params_table import GLOBAL_TENSORS, block_prefix, expected_block_tensors
 from ..quant.qdq import dequantize
-from .hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
+from ..io.hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
 
 _NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from autoround_jax.formats.hf_folder import atomic_folder
-from autoround_jax.formats.safetensors_io import save_file
+from autoround_jax.io.hf_folder import atomic_folder
+from autoround_jax.io.safetensors_io import save_file
 from autoround_jax.validation import check_finite
 
 SUPPORTED_ARCHITECTURE = "llama"

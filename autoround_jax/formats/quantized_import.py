@@ -23,12 +23,12 @@ from ..models.loading import CheckpointReader, check_against, parse_dtype, resol
 from ..models.params_table import BLOCK_PREFIX, BLOCK_TENSORS, block_prefix, expected_tensors, module_at
 from ..quant.packed_weight import PackedWeight, dequantize_codes
 from ..quant.qdq import QuantizedWeight
-from ..tuning.fake_quant import LayerScheme
+from ..quant.scheme import SUPPORTED_BITS, LayerScheme
 from .auto_round import (FORMATS, PACKINGS, Packing, QuantizedModel, export_hf_config, iter_tensors, packed_shapes,
                          unpack_linear, write_quantized)
-from .hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
+from ..io.hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
 from ..validation import read_json
-from .safetensors_io import CheckpointError
+from ..io.safetensors_io import CheckpointError
 
 # Names older auto-round versions wrote (normalised as in convert_model.py).
 LEGACY_PACKINGS = {"auto_round:gptq": "auto_round:auto_gptq", "auto_round:awq": "auto_round:auto_awq",
@@ -112,7 +112,7 @@ def _scheme(base: LayerScheme, d: Mapping[str, Any]) -> LayerScheme | None:
     bits, data_type = int(d.get("bits", base.bits)), str(d.get("data_type", base.data_type))
     if bits >= 16 or data_type in ("fp", "float", "float16", "bfloat16"):
         return None
-    if not data_type.startswith("int") or bits not in (2, 3, 4, 8):
+    if not data_type.startswith("int") or bits not in SUPPORTED_BITS:
         raise CheckpointError(f"unsupported scheme: data_type {data_type!r}, {bits} bits (int 2/3/4/8-bit only)")
     return LayerScheme(bits, int(d.get("group_size", base.group_size)), bool(d.get("sym", base.sym)))
 

@@ -175,6 +175,16 @@ def default_positions(attention_mask: jax.Array | None, batch: int, t: int) -> j
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def attention_inputs(rotary: Rotary, attention_mask: jax.Array | None, batch: int, t: int, dtype,
+                     positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(cos, sin, mask) for a full forward of T tokens: the prologue shared by the model, lm-eval and the tuner (which
+    embeds its calibration ids itself and builds these for one batch of rows)."""
+    if positions is None:
+        positions = default_positions(attention_mask, batch, t)
+    cos, sin = rotary(positions, dtype)
+    return cos, sin, causal_mask(attention_mask, batch, t)
+
+
 class CausalLM(nnx.Module):
     """Embedding, decoder blocks, final norm and (tied or untied) lm_head."""
 
@@ -215,15 +225,17 @@ class CausalLM(nnx.Module):
         positions: jax.Array | None = None,
     ) -> jax.Array:
         """Token ids [B, T] -> fp32 logits [B, T, V]."""
+        return self.logits(self.hidden(input_ids, attention_mask, positions))
+
+    def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+        """The last block's output [B, T, D] (before the final norm): the one forward body without a cache."""
         b, t = input_ids.shape
-        if positions is None:
-            positions = default_positions(attention_mask, b, t)
         h = self.embed(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)
-        mask = causal_mask(attention_mask, b, t)
+        cos, sin, mask = attention_inputs(self.rotary, attention_mask, b, t, h.dtype, positions)
         for block in self.layers:
             h, _ = block(h, cos, sin, mask)
-        return self.logits(h)
+        return h
 
     def forward_cached(
         self,

@@ -13,7 +13,7 @@ from typing import Iterable
 import jax.numpy as jnp
 import numpy as np
 
-from ..formats.safetensors_io import CheckpointError, SafetensorsFile
+from ..io.safetensors_io import CheckpointError, SafetensorsFile
 from ..validation import check_finite, read_json
 from .config import ModelConfig
 from .decoder import CausalLM, DecoderBlock

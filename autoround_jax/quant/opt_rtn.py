@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .scheme import check_bits
 from .qdq import QuantizedWeight, _exact_div, _scale_thresh, group_len, group_reshape, group_unreshape
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 IMATRIX_PAD = 1e-5  # reshape_pad_tensor_by_group_size(imatrix, ..., val=1e-5): padded inputs weigh almost nothing
 ZERO_IMATRIX_WARNING = (
     "please use more data via setting `nsamples` to improve accuracy as calibration activations contain 0"
@@ -49,8 +49,7 @@ def search_grid(bits: int, search_ratio: float | None = None) -> np.ndarray:
     does (nmax - step * i, then rounded once to fp32 when torch multiplies it with an fp32 tensor), so the grid is
     bit-identical: 200 values for 3/4/8 bits (201 candidates), 180 for 2 bits (181).
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    check_bits(bits)
     nmax = int(2.0 ** (bits - 1))
     if bits == 2:
         search_min, step = 18 * 5, 0.01
@@ -186,8 +185,7 @@ def _prepare_imatrix(imatrix, k: int) -> tuple[jax.Array | None, bool]:
 
 
 def _check(w, bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    check_bits(bits)
     if w.ndim != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
 
@@ -200,8 +198,7 @@ def search_scales(
     qw: loss weights broadcastable to [M, G] (the expanded imatrix), or None for an unweighted search. Exposed on
     its own so tests can compare it with the reference's function on the same inputs.
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    check_bits(bits)
     return _search_jit(jnp.asarray(data), None if qw is None else jnp.asarray(qw, jnp.float32), bits=bits,
                        search_ratio=_ratio(search_ratio))
 

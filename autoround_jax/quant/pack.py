@@ -19,14 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .scheme import check_bits
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
 def _run_layout(bits: int) -> tuple[int, int]:
     """(codes, words) of the shortest run that fills whole words: (16, 1) for 2-bit, (32, 3) for 3-bit."""
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    check_bits(bits)
     codes = 32 // math.gcd(32, bits)
     return codes, codes * bits // 32
 

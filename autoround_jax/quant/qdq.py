@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from .scheme import check_bits
+
 # WrapperLinear.minmax_scale_bound: min_scale/max_scale may only shrink the range.
 MINMAX_SCALE_BOUND = (0.0, 1.0)
 
@@ -140,8 +142,7 @@ def _quantize_grouped(w, v, min_scale, max_scale, bits, group_size, sym, scale_d
     Sym is written as clamp(round(W/s + V) + 2^(b-1), 0, 2^b - 1) - 2^(b-1), which equals the reference's
     clamp(round(W/s + V), -2^(b-1), 2^(b-1) - 1) exactly (integers in float), with the same clamp gradient.
     """
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    check_bits(bits)
     wg, pad = group_reshape(w, group_size)
     if wmin0 is None or wmax0 is None:
         wmin0, wmax0 = minmax_init(w, group_size)

@@ -26,7 +26,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from ..data.calibration import DatasetError, calibration_ids
-from ..models.decoder import CausalLM, DecoderBlock, Rotary, causal_mask, default_positions
+from ..models.decoder import CausalLM, DecoderBlock, Rotary, attention_inputs
 from ..models.layers import FloatWeight
 from ..models.loading import ModelSource, parse_dtype
 from ..models.precision import compute_dtype
@@ -34,9 +34,10 @@ from ..models.params_table import module_at
 from ..quant.opt_rtn import opt_rtn
 from ..quant.qdq import QuantizedWeight, dequantize
 from ..validation import check_block, validate_before_tuning
-from .fake_quant import FakeQuantWeight, LayerScheme
+from ..quant.scheme import SCHEMES, LayerScheme
+from .fake_quant import FakeQuantWeight
 from .imatrix import collect_block_imatrix
-from .layer_selection import SCHEMES, resolve_layers
+from .layer_selection import resolve_layers
 from .signround import TuneSettings, padded_chunks, tune_block
 from .timing import PHASES, BlockTimer
 
@@ -319,9 +320,7 @@ class AutoRound:
     def _block_inputs(self):
         """(first block's inputs [nsamples, T, D] from the calibration ids, cos, sin, mask for batch_size rows)."""
         ids = jnp.asarray(self.calibration())
-        positions = default_positions(None, self.batch_size, self.seqlen)
-        cos, sin = Rotary(self.config)(positions, self.compute_dtype)
-        mask = causal_mask(None, self.batch_size, self.seqlen)
+        cos, sin, mask = attention_inputs(Rotary(self.config), None, self.batch_size, self.seqlen, self.compute_dtype)
         x = jnp.take(self.source.tensor("model.embed_tokens.weight").astype(self.compute_dtype), ids, axis=0)
         return x, cos, sin, mask
 
@@ -382,7 +381,7 @@ class AutoRound:
         subfolder per format, named as the reference names them (e.g. OUT/auto-round-auto-gptq, OUT/auto-gptq)."""
         from ..formats.auto_round import EXPORTERS, folder_name, from_autoround
         from ..formats.fake import save_fake
-        from ..formats.hf_folder import atomic_folder
+        from ..io.hf_folder import atomic_folder
 
         if not self.reports:
             raise ValueError("nothing to save: call quantize() first")

@@ -6,13 +6,13 @@ types separate what the optimizer trains (Rounding, ClipScale) from constants (F
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..models.precision import linear
+from ..quant.scheme import LayerScheme
 from ..quant.qdq import QuantizedWeight, group_len, minmax_init, num_groups, qdq, quantize_to_codes
 
 
@@ -26,16 +26,6 @@ class Rounding(nnx.Param):
 
 class ClipScale(nnx.Param):
     """min/max clip scales per group (init 1, kept in [0, 1]), trained with minmax_lr."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerScheme:
-    """How one linear is quantized."""
-
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    data_type: str = "int"
 
 
 class FakeQuantWeight(nnx.Module):

@@ -11,14 +11,7 @@ from typing import Any, Mapping
 
 from ..models.config import ModelConfig
 from ..models.params_table import BLOCK_PREFIX, block_linear_names, linear_shape
-from .fake_quant import LayerScheme
-
-SUPPORTED_BITS = (2, 3, 4, 8)
-STANDARD_GROUPS = (-1, 0, 32, 64, 128, 256)  # padding allowed when K is not a multiple (reference behaviour)
-SCHEMES = {
-    "W4A16": LayerScheme(4, 128, True), "W8A16": LayerScheme(8, 128, True), "W3A16": LayerScheme(3, 128, True),
-    "W2A16": LayerScheme(2, 128, True), "W2A16G64": LayerScheme(2, 64, True), "W2A16G32": LayerScheme(2, 32, True),
-}
+from ..quant.scheme import FLOAT_DATA_TYPES, SCHEMES, STANDARD_GROUPS, SUPPORTED_BITS, LayerScheme
 
 
 def parse_names(spec: str | list[str] | None) -> list[str]:
@@ -39,7 +32,6 @@ def _matches(item: str, layer: str) -> bool:
 
 
 LAYER_FIELDS = ("bits", "group_size", "sym", "data_type", "act_bits")
-FLOAT_DATA_TYPES = ("fp", "float", "float16", "bfloat16")
 _EXAMPLE = '{"mlp.down_proj": {"bits": 8}}'
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from autoround_jax import load_quantized
-from autoround_jax.formats.safetensors_io import load_file
+from autoround_jax.io.safetensors_io import load_file
 from autoround_jax.tuning.autoround import AutoRound
 from tests.formats import reference
 

@@ -10,7 +10,7 @@ import pytest
 from autoround_jax import default_model
 from autoround_jax.formats import gguf_convert
 from autoround_jax.formats.gguf_convert import GGUFConvertError, convert_gguf_to_hf
-from autoround_jax.formats.hf_folder import OutputExistsError
+from autoround_jax.io.hf_folder import OutputExistsError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from autoround_jax.formats.hf_folder import (OutputExistsError, atomic_folder, check_output_path, remove_leftovers,
+from autoround_jax.io.hf_folder import (OutputExistsError, atomic_folder, check_output_path, remove_leftovers,
                                              write_sharded)
 from autoround_jax.validation import NonFiniteError
 

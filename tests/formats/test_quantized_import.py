@@ -15,9 +15,9 @@ from flax import nnx
 from autoround_jax import load_model, load_quantized
 from autoround_jax.cli import run
 from autoround_jax.formats.auto_round import PACKINGS
-from autoround_jax.formats.hf_folder import write_sharded
+from autoround_jax.io.hf_folder import write_sharded
 from autoround_jax.formats.quantized_import import convert, open_quantized, packing_of
-from autoround_jax.formats.safetensors_io import load_file, save_file
+from autoround_jax.io.safetensors_io import load_file, save_file
 from autoround_jax.quant.packed_weight import PackedWeight
 from autoround_jax.quant.qdq import QuantizedWeight
 

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import KernelConfig, int_matmul, pallas_matmul, prepare
-from kernels import tpu as tpu_schedules
+from autoround_jax import kernels
+from autoround_jax.kernels import KernelConfig, int_matmul, pallas_matmul, prepare
+from autoround_jax.kernels import tpu as tpu_schedules
 
 # (M, K, N, group_size, bits, sym): every M of {1, 7, 16, 64, 256}, Qwen-like
 # K / N (256..896) and K an odd multiple of the group (3G).
@@ -91,7 +91,7 @@ def test_matches_dequantized_matmul(m, k, n, group_size, bits, sym, backend):
 @pytest.mark.parametrize("reduce_max_m", [0, 1])
 def test_both_xla_forms_at_decode(m, k, n, group_size, bits, sym, reduce_max_m):
   """The XLA fallback's multiply-reduce form (GPU default at M=1) and its dequant + dot form (elsewhere)."""
-  from kernels.xla import xla_matmul
+  from autoround_jax.kernels.xla import xla_matmul
 
   tensors, w_ref = make_weight(k, n, group_size, bits, sym, seed=m + k + n)
   w = prepare(*tensors, bits=bits, group_size=group_size)

@@ -9,8 +9,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kernels import KernelConfig, gpu, pallas_matmul, prepare
-from kernels import tpu as tpu_schedules
+from autoround_jax.kernels import KernelConfig, gpu, pallas_matmul, prepare
+from autoround_jax.kernels import tpu as tpu_schedules
 from tests.kernels.test_int_matmul import assert_close, make_weight, make_x
 
 # (M, K, N, group_size): decode (gemv), M = 5 and 16 (16-row dot), M = 96 (128-row blocks); K of 8 tiles, so that

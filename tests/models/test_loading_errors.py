@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from autoround_jax import load_model
-from autoround_jax.formats.safetensors_io import CheckpointError, load_file, save_file
+from autoround_jax.io.safetensors_io import CheckpointError, load_file, save_file
 from autoround_jax.models import UnsupportedModelError
 from tests.tiny_models import build_model, save_model
 
