@@ -32,6 +32,6 @@ from .generation import generate  # noqa: E402
 from .evaluation import perplexity  # noqa: E402
 from .formats.quantized_import import load_quantized  # noqa: E402
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 __all__ = ["CausalLM", "ModelConfig", "load_model", "load_quantized", "load_tokenizer", "generate", "perplexity",
            "__version__"]

@@ -41,7 +41,7 @@ def _eval_text(path: str | None) -> str:
     if path:
         if not os.path.isfile(path):
             raise UsageError(f"text file {path} not found: pass an existing UTF-8 text file to --text")
-        from .validation import read_text
+        from .io.files import read_text
 
         return read_text(path, "text file (--text)")
     from .data.texts import eval_text

@@ -1,8 +1,15 @@
-"""Jit-compiled autoregressive decoding with a KV cache: greedy or sampling (temperature, top-k, top-p)."""
+"""Jit-compiled autoregressive decoding with a KV cache: greedy or sampling (temperature, top-k, top-p).
+
+The one decoding loop of the package: `left_pad` lays out a batch of prompts, `prefill` runs them into a fresh
+cache, `decode_steps` samples and feeds back up to `steps` tokens per row (a row is done at its first eos; the loop
+ends early once every row is done), and `decode` drives them chunk by chunk. `generate_ids` decodes in one chunk;
+lm-eval's JaxLM decodes in chunks and checks its stop strings on the host between them.
+"""
 
 from __future__ import annotations
 
 import functools
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,34 +38,83 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _decode(graphdef, state, ids, mask, key, eos_ids, pad_id, *, max_new_tokens, temperature, top_k, top_p):
+def left_pad(rows: Sequence[Sequence[int]], width: int | None = None, batch: int | None = None,
+             pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """ids int32 and mask bool [batch, width] with the rows right-aligned (left padding). width defaults to the
+    longest row, batch to the number of rows; rows beyond them repeat row 0 (their results are to be discarded)."""
+    width = max(map(len, rows)) if width is None else width
+    batch = len(rows) if batch is None else batch
+    ids = np.full((batch, width), pad, np.int32)
+    mask = np.zeros((batch, width), bool)
+    for r in range(batch):
+        row = rows[r] if r < len(rows) else rows[0]
+        ids[r, width - len(row):] = row
+        mask[r, width - len(row):] = True
+    return ids, mask
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def prefill(graphdef, state, ids, mask, *, cache_len):
+    """Left-padded prompts [B, T] into a fresh cache of cache_len slots: (next-token logits [B, V], the cache, the
+    next positions [B])."""
     model: CausalLM = nnx.merge(graphdef, state)
     b, t = ids.shape
-    cache = KVCache.init(model.config, b, t + max_new_tokens, model.dtype)
+    cache = KVCache.init(model.config, b, cache_len, model.dtype)
     positions = default_positions(mask, b, t)
     logits, cache = model.forward_cached(ids, positions, mask, cache)
-    key, sub = jax.random.split(key)
-    tok = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    done = jnp.zeros((b,), bool)
-    pos = positions[:, -1] + 1
+    return logits[:, -1], cache, positions[:, -1] + 1
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_k", "top_p"),
+                   donate_argnames=("cache",))
+def decode_steps(graphdef, state, logits, cache, pos, key, done, eos_ids, pad_id, *, steps, temperature, top_k,
+                 top_p):
+    """Up to `steps` tokens per row: each is sampled from the carried next-token logits and run into the cache.
+
+    A row is done after its first token in eos_ids (that token is kept, later ones read pad_id), and the loop ends
+    early once every row is done (the tokens not reached read pad_id). Returns the tokens [B, steps] and the state
+    to continue from: (tokens, logits, cache, pos, key, done).
+    """
+    model: CausalLM = nnx.merge(graphdef, state)
+    b = logits.shape[0]
+    ones = jnp.ones((b, 1), bool)
 
     def cond(c):
-        i, _, _, _, done, _, _ = c
-        return (i < max_new_tokens) & ~jnp.all(done)
+        i, done = c[0], c[-1]
+        return (i < steps) & ~jnp.all(done)
 
     def body(c):
-        i, tok, cache, pos, done, out, key = c
+        i, out, logits, cache, pos, key, done = c
+        key, sub = jax.random.split(key)
+        tok = sample_logits(logits, sub, temperature, top_k, top_p)
         out = out.at[:, i].set(jnp.where(done, pad_id, tok))
         done = done | jnp.isin(tok, eos_ids)
-        logits, cache = model.forward_cached(tok[:, None], pos[:, None], jnp.ones((b, 1), bool), cache)
-        key, sub = jax.random.split(key)
-        nxt = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
-        return i + 1, nxt, cache, pos + 1, done, out, key
+        logits, cache = model.forward_cached(tok[:, None], pos[:, None], ones, cache)
+        return i + 1, out, logits[:, -1], cache, pos + 1, key, done
 
-    init = (jnp.zeros((), jnp.int32), tok, cache, pos, done, out, key)
-    return jax.lax.while_loop(cond, body, init)[5]
+    out = jnp.full((b, steps), pad_id, jnp.int32)
+    init = (jnp.zeros((), jnp.int32), out, logits, cache, pos, key, done)
+    return jax.lax.while_loop(cond, body, init)[1:]
+
+
+def decode(graphdef, state, ids: np.ndarray, mask: np.ndarray, key: jax.Array, *, max_new_tokens: int,
+           chunk: int | None = None, eos_token_ids=(), pad_token_id: int = 0, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0) -> Iterator[np.ndarray]:
+    """Prefill left-padded prompts, then yield the new tokens [B, chunk] chunk by chunk (chunk defaults to
+    max_new_tokens: one chunk) until max_new_tokens are covered or every row has reached an eos. The cache holds
+    the prompt plus whole chunks; a caller may stop iterating at any chunk."""
+    chunk = chunk or max_new_tokens
+    n_chunks = -(-max_new_tokens // chunk) if max_new_tokens > 0 else 0
+    logits, cache, pos = prefill(graphdef, state, ids, mask, cache_len=ids.shape[1] + n_chunks * chunk)
+    done = jnp.zeros((ids.shape[0],), bool)
+    eos = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
+    sampling = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+    for _ in range(n_chunks):
+        toks, logits, cache, pos, key, done = decode_steps(graphdef, state, logits, cache, pos, key, done, eos,
+                                                           jnp.int32(pad_token_id), steps=chunk, **sampling)
+        yield np.asarray(toks)
+        if bool(jnp.all(done)):
+            return
 
 
 def generate_ids(
@@ -75,15 +131,13 @@ def generate_ids(
     seed: int = 0,
 ) -> np.ndarray:
     """New token ids [B, max_new_tokens] (pad after a row's eos); prompts must be left-padded."""
-    ids = jnp.asarray(input_ids, jnp.int32)
-    mask = jnp.ones_like(ids, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
-    eos = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
     graphdef, state = nnx.split(model)
-    out = _decode(
-        graphdef, state, ids, mask, jax.random.PRNGKey(seed), eos, jnp.int32(pad_token_id),
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-    )
-    return np.asarray(out)
+    chunks = decode(graphdef, state, ids, mask, jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
+                    eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, temperature=temperature, top_k=top_k,
+                    top_p=top_p)
+    return np.concatenate([np.zeros((ids.shape[0], 0), np.int32), *chunks], axis=1)
 
 
 def generate(
@@ -116,13 +170,8 @@ def generate(
         raise ValueError("the prompt is empty (no tokens): pass some text")
     for e in encoded:
         check_ids_fit(e, model.config.vocab_size, "the prompt's token ids")
-    width = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = np.full((len(encoded), width), pad, np.int32)
-    mask = np.zeros((len(encoded), width), bool)
-    for r, e in enumerate(encoded):
-        ids[r, width - len(e):] = e
-        mask[r, width - len(e):] = True
+    ids, mask = left_pad(encoded, pad=pad)
     eos = set(model.config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)

@@ -29,8 +29,8 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from .generation import sample_logits
-from .models.decoder import CausalLM, KVCache, default_positions
+from .generation import decode, left_pad
+from .models.decoder import CausalLM
 
 
 def _pow2(n: int, floor: int) -> int:
@@ -57,46 +57,6 @@ def _score(graphdef, state, ids, mask, targets, *, c):
     logp = jax.nn.log_softmax(_last_logits(nnx.merge(graphdef, state), ids, mask, c), axis=-1)
     picked = jnp.take_along_axis(logp, targets[:, -c:, None], axis=-1)[..., 0]
     return picked, jnp.argmax(logp, axis=-1).astype(jnp.int32), logp[:, -1]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prefill(graphdef, state, ids, mask, *, cache_len):
-    """Left-padded prompts into a fresh cache; returns the next-token logits, the cache and the next positions."""
-    model: CausalLM = nnx.merge(graphdef, state)
-    b, t = ids.shape
-    cache = KVCache.init(model.config, b, cache_len, model.dtype)
-    positions = default_positions(mask, b, t)
-    logits, cache = model.forward_cached(ids, positions, mask, cache)
-    return logits[:, -1], cache, positions[:, -1] + 1
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "temperature", "top_k", "top_p"),
-                   donate_argnames=("cache",))
-def _decode_chunk(graphdef, state, logits, cache, pos, key, *, steps, temperature, top_k, top_p):
-    """`steps` tokens per row; the host checks stop strings between chunks and stops early when all rows are done."""
-    model: CausalLM = nnx.merge(graphdef, state)
-    ones = jnp.ones((logits.shape[0], 1), bool)
-
-    def step(carry, _):
-        logits, cache, pos, key = carry
-        key, sub = jax.random.split(key)
-        tok = sample_logits(logits, sub, temperature, top_k, top_p)
-        logits, cache = model.forward_cached(tok[:, None], pos[:, None], ones, cache)
-        return (logits[:, -1], cache, pos + 1, key), tok
-
-    (logits, cache, pos, key), toks = jax.lax.scan(step, (logits, cache, pos, key), None, length=steps)
-    return toks.T, logits, cache, pos, key
-
-
-def _left_pad(rows: Sequence[Sequence[int]], width: int, batch: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """ids and mask [batch, width], rows right-aligned; missing rows repeat row 0 (results are discarded)."""
-    ids = np.full((batch, width), pad, np.int32)
-    mask = np.zeros((batch, width), bool)
-    for r in range(batch):
-        row = rows[r] if r < len(rows) else rows[0]
-        ids[r, width - len(row):] = row
-        mask[r, width - len(row):] = True
-    return ids, mask
 
 
 def _chunks(items: Sequence, n: int) -> Iterator[Sequence]:
@@ -217,8 +177,8 @@ class JaxLM(TemplateLM):
         targets = [w[1:] + [m[0][-1]] for w, m in zip(windows, members)]
         t = bucket(max(map(len, windows)), self.max_length)
         c = min(t, _pow2(max(len(cont) for m in members for cont in m), 8))
-        ids, mask = _left_pad(windows, t, self.batch_size, self._pad_id)
-        tgt, _ = _left_pad(targets, t, self.batch_size, 0)
+        ids, mask = left_pad(windows, t, self.batch_size, self._pad_id)
+        tgt, _ = left_pad(targets, t, self.batch_size, 0)
         picked, greedy, last = (np.asarray(x) for x in _score(self._graphdef, self._state, ids, mask, tgt, c=c))
         return [[_cont_score(picked[r], greedy[r], last[r], cont) for cont in conts] for r, conts in enumerate(members)]
 
@@ -264,20 +224,16 @@ class JaxLM(TemplateLM):
     def _generate_batch(self, prompts: list[list[int]], until: list[str], kwargs: dict[str, Any]) -> list[list[int]]:
         """New tokens per prompt, decoded in jitted chunks until every row is done."""
         max_new = kwargs["max_gen_toks"]
-        steps = min(32, _pow2(max_new, 1))
         t = bucket(max(map(len, prompts)), self.max_length)
-        ids, mask = _left_pad(prompts, t, self.batch_size, self._pad_id)
-        n_chunks = -(-max_new // steps)
-        logits, cache, pos = _prefill(self._graphdef, self._state, ids, mask, cache_len=t + n_chunks * steps)
+        ids, mask = left_pad(prompts, t, self.batch_size, self._pad_id)
         sampling = dict(temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
                         top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0))
         self._key, key = jax.random.split(self._key)
         rows: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
-        for _ in range(n_chunks):
-            new, logits, cache, pos, key = _decode_chunk(self._graphdef, self._state, logits, cache, pos, key,
-                                                         steps=steps, **sampling)
-            new = np.asarray(new)
+        for new in decode(self._graphdef, self._state, ids, mask, key, max_new_tokens=max_new,
+                          chunk=min(32, _pow2(max_new, 1)), eos_token_ids=sorted(self._eos_ids),
+                          pad_token_id=self._pad_id, **sampling):
             for r in range(len(prompts)):
                 if not done[r]:
                     rows[r], done[r] = self._extend(rows[r], new[r].tolist(), until, max_new)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .models.loading import resolve_model_path
+from .io.checkpoint import resolve_model_path
 
 
 def load_tokenizer(name_or_path: str):

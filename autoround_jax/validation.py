@@ -9,16 +9,11 @@ tuner's block loops (each block's loss, scales and codes) and the entry of `Auto
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import re
-from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from .io.safetensors_io import CheckpointError
 
 _FLOAT_DTYPES = {np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)}
 _CHUNK = 1 << 24  # elements per isfinite pass: bounds the temporary boolean array on huge tensors
@@ -85,22 +80,6 @@ def check_quantized(qw, name: str) -> None:
                                  f"(range {int(arr.min())}..{int(arr.max())}): this is a bug, please report it")
 
 
-def check_block(ar, i: int) -> None:
-    """After block i of an AutoRound run: its loss is finite and its quantized layers are exportable."""
-    r = ar.reports[-1] if ar.reports else None
-    if r is not None and r.index == i:
-        for label, v in (("RTN (iteration 0)", r.loss_rtn), ("best", r.loss_best)):
-            if v is not None and not math.isfinite(v):
-                raise NonFiniteError(
-                    f"block {i} (model.layers.{i}): the {label} tuning loss is {v}: the block's outputs overflow or "
-                    "its inputs are not finite; load the model in fp32 (--model_dtype fp32) or check the checkpoint"
-                )
-    prefix = f"model.layers.{i}."
-    for name, qw in ar.quantized.items():
-        if name.startswith(prefix):
-            check_quantized(qw, name)
-
-
 # -- token ids -------------------------------------------------------------------------------------------------------
 def tokenizer_max_id(tokenizer) -> int | None:
     """The largest id a tokenizer can produce (its vocabulary and added tokens), or None if it cannot say."""
@@ -139,58 +118,3 @@ def check_ids_fit(ids, vocab_size: int, what: str = "token ids") -> None:
         )
 
 
-# -- metadata files --------------------------------------------------------------------------------------------------
-def read_text(path: str, what: str = "file") -> str:
-    """A UTF-8 text file, or one line naming the file and what is wrong with it."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a folder, expected a {what}") from None
-    if b"\x00" in raw[:8192]:
-        raise CheckpointError(f"{path}: is a binary file, expected a UTF-8 {what}; pass the right file")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}), expected a "
-                              f"UTF-8 {what}; re-save it as UTF-8 or pass the right file") from None
-
-
-def read_json(path: str, expect: type = dict, what: str = "JSON file") -> Any:
-    """A JSON file that must hold an `expect` (dict: an object), or one line naming the file and the fault."""
-    text = read_text(path, what)
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno}); restore or "
-                              "re-download the file") from None
-    if expect is not None and not isinstance(obj, expect):
-        kind = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
-        raise CheckpointError(f"{path}: expected {kind}, found {type(obj).__name__}; restore or re-download "
-                              "the file")
-    return obj
-
-
-# -- before the first block ------------------------------------------------------------------------------------------
-def validate_before_tuning(ar) -> None:
-    """Everything AutoRound.quantize can check before any block is loaded: the embedding, final norm and lm_head
-    are finite; the tokenizer and any given token ids fit the model's vocabulary; the dataset spec is readable."""
-    from .data.calibration import check_dataset
-
-    cfg = ar.config
-    reader = getattr(ar.source, "reader", None)
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
-    if reader is not None:
-        for name in names:
-            reader.get(name)  # the reader checks every float tensor it hands out
-    else:  # a model already in memory
-        check_finite(ar.source.tensor("model.embed_tokens.weight"), "model.embed_tokens.weight")
-    if not (ar.iters > 0 or ar._needs_imatrix()):
-        return  # plain RTN reads no calibration data and never uses the tokenizer
-    if isinstance(ar.dataset, np.ndarray):
-        check_ids_fit(ar.dataset, cfg.vocab_size, "calibration token ids")
-        return
-    if ar.tokenizer is not None and not (isinstance(ar.dataset, str) and ar.dataset.strip() == "self"):
-        check_tokenizer_fits(ar.tokenizer, cfg.vocab_size, ar.model_path)  # text calibration: ids must fit
-    if isinstance(ar.dataset, str) or ar.dataset is None:
-        check_dataset(ar.dataset)

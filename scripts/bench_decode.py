@@ -89,11 +89,10 @@ def build_random_int4(size: str, dtype: str = "bf16", backend: str = "auto", gro
     import jax.numpy as jnp
     from flax import nnx
 
+    from autoround_jax.models.builder import build_model
     from autoround_jax.models.config import ModelConfig
-    from autoround_jax.models.decoder import CausalLM, DecoderBlock
-    from autoround_jax.models.layers import FloatWeight, Linear
     from autoround_jax.models.loading import parse_dtype
-    from autoround_jax.models.params_table import BLOCK_TENSORS, module_at
+    from autoround_jax.models.params_table import expected_tensors
     from autoround_jax.quant.packed_weight import PackedWeight
 
     hf = qwen25_config(size)
@@ -113,35 +112,26 @@ def build_random_int4(size: str, dtype: str = "bf16", backend: str = "auto", gro
         scales = (0.0045 * (1 + 0.1 * jax.random.normal(ks, (k // group_size, n)))).astype(jnp.float16)
         return qweight, scales, jnp.full((k // group_size, n), 8, jnp.uint8)
 
-    blocks = []
-    for _ in range(cfg.num_layers):
-        tensors = {}
-        for spec in BLOCK_TENSORS:
-            if not spec.present(cfg):
-                continue
-            shape = spec.shape(cfg)
-            if spec.role == "linear":
-                tensors[spec.name] = np.zeros((0, 0), np.float32)  # replaced by a packed leaf below
-            elif spec.role == "bias":
-                tensors[spec.name] = normal(shape, 0.02)
-            else:
-                tensors[spec.name] = jnp.ones(shape, dt)
-        block = DecoderBlock(cfg, tensors, dt)
-        for spec in BLOCK_TENSORS:
-            if spec.role == "linear" and spec.present(cfg):
-                out_f, in_f = spec.shape(cfg)
-                q, sc, z = int4_leaf_arrays(next(keys), in_f, out_f)
-                leaf = PackedWeight(q, sc, z, bits=4, group_size=group_size, backend=backend)
-                module_at(block, spec.name[: -len(".weight")]).weight = leaf
-                nbytes["int4"] += sum(v[...].nbytes for v in (leaf.qweight, leaf.scales, leaf.zeros))
-            elif spec.present(cfg):
-                nbytes["float"] += int(np.prod(spec.shape(cfg))) * jnp.dtype(dt).itemsize
-        blocks.append(block)
-        jax.block_until_ready(jax.tree.leaves(nnx.state(block)))
-    embed = normal((cfg.vocab_size, cfg.hidden_size), 0.02)
-    head = Linear(FloatWeight(normal((cfg.vocab_size, cfg.hidden_size), 0.02)))
-    nbytes["float"] += cfg.vocab_size * cfg.hidden_size * jnp.dtype(dt).itemsize + cfg.hidden_size * 2
-    return CausalLM(cfg, embed, blocks, jnp.ones((cfg.hidden_size,), dt), head), nbytes
+    shapes = expected_tensors(cfg)
+
+    def get(name):  # float tensors made on demand on the device (the builder shape-checks them)
+        if name.endswith("norm.weight"):
+            return jnp.ones(shapes[name], dt)
+        nbytes["float"] += int(np.prod(shapes[name])) * jnp.dtype(dt).itemsize
+        return normal(shapes[name], 0.02)
+
+    def packed(module, read_float):  # every block linear: a random int4 leaf (its float weight is never made)
+        if ".layers." not in module:
+            return None
+        out_f, in_f = shapes[module + ".weight"]
+        q, sc, z = int4_leaf_arrays(next(keys), in_f, out_f)
+        leaf = PackedWeight(q, sc, z, bits=4, group_size=group_size, backend=backend)
+        nbytes["int4"] += sum(v[...].nbytes for v in (leaf.qweight, leaf.scales, leaf.zeros))
+        return leaf
+
+    model = build_model(cfg, get, dt, packed, source="random")
+    jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+    return model, nbytes
 
 
 def decode_loop_tok_s(model, steps: int = 32, reps: int = 3) -> tuple[float, float]:

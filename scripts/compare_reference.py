@@ -26,37 +26,17 @@ import numpy as np
 
 
 def dequantize_reference_export(folder: str, src: str, dst: str) -> str:
-    """auto_round:auto_gptq export -> float HF folder: W[n, k] = (q - (qzeros + 1)) * scales[k // G, n]."""
-    from autoround_jax.io.hf_folder import copy_tokenizer_files
-    from autoround_jax.io.safetensors_io import load_file, save_file
-    from autoround_jax.quant.pack import unpack_cols, unpack_rows
+    """The reference's packed export -> float32 HF folder with src's config and tokenizer files: W = (q - zero) * scale
+    unrounded (quant/qdq.py's dequantize; not convert's float16 QuantLinear values), float tensors in float32."""
+    from autoround_jax.formats.auto_round import iter_tensors
+    from autoround_jax.formats.quantized_import import open_quantized
+    from autoround_jax.io.hf_folder import write_float_folder
+    from autoround_jax.quant.qdq import dequantize
 
-    cfg = json.load(open(os.path.join(folder, "config.json")))
-    q = cfg["quantization_config"]
-    bits, group = q["bits"], q["group_size"]
-    tensors = {}
-    for fname in sorted(os.listdir(folder)):
-        if fname.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(folder, fname)))
-    out = {}
-    for name, arr in tensors.items():
-        if name.endswith(".qweight"):
-            base = name[: -len(".qweight")]
-            scales = tensors[base + ".scales"].astype(np.float32)
-            codes = unpack_rows(arr, bits).astype(np.int64)  # [K, N]
-            zeros = unpack_cols(tensors[base + ".qzeros"], bits).astype(np.int64) + 1  # [ng, N]
-            k = codes.shape[0]
-            g = k if group == -1 else group
-            gi = np.arange(k) // g
-            out[base + ".weight"] = ((codes - zeros[gi]) * scales[gi]).T.astype(np.float32)
-        elif not name.endswith((".qzeros", ".scales", ".g_idx")):
-            out[name] = arr.astype(np.float32)
-    os.makedirs(dst, exist_ok=True)
-    save_file(out, os.path.join(dst, "model.safetensors"), {"format": "pt"})
-    src_cfg = json.load(open(os.path.join(src, "config.json")))
-    json.dump(src_cfg, open(os.path.join(dst, "config.json"), "w"))
-    copy_tokenizer_files(src, dst)
-    return dst
+    qm = open_quantized(folder)
+    weight = lambda qw: {"weight": np.asarray(dequantize(qw))}  # noqa: E731
+    tensors = ((name, arr.astype(np.float32)) for name, arr in iter_tensors(qm, weight, np.float32))
+    return write_float_folder(tensors, json.load(open(os.path.join(src, "config.json"))), dst, files_dir=src)
 
 
 def main() -> None:

@@ -144,7 +144,8 @@ def test_nonfinite_loss_and_scales_are_caught_per_block():
 
     from autoround_jax.quant.qdq import QuantizedWeight
     from autoround_jax.tuning.autoround import BlockReport
-    from autoround_jax.validation import NonFiniteError, check_block
+    from autoround_jax.tuning.checks import check_block
+    from autoround_jax.validation import NonFiniteError
 
     good = QuantizedWeight(codes=np.full((4, 32), 8, np.uint8), scales=np.ones((4, 1), np.float16),
                            zeros=np.full((4, 1), 8, np.int32), bits=4, group_size=32, sym=True)

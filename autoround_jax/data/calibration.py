@@ -60,7 +60,7 @@ def is_hub_id(name: str) -> bool:
 
 
 def _read_utf8(path: str) -> str:
-    from ..validation import read_text
+    from ..io.files import read_text
 
     try:
         return read_text(path, "text dataset")

@@ -22,13 +22,16 @@ from typing import Any, Callable, Iterator, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from ..io.hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
+from ..io.safetensors_io import CheckpointError
 from ..models.config import ModelConfig
-from ..models.params_table import BLOCK_PREFIX, BLOCK_TENSORS, GLOBAL_TENSORS, block_prefix, linear_shape
+from ..models.params_table import BLOCK_TENSORS, GLOBAL_TENSORS, block_prefix, linear_shape
+from ..models.quantized import QuantizedModel
 from ..quant.pack import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
 from ..quant.qdq import QuantizedWeight, group_len, num_groups
 from ..quant.scheme import LayerScheme
-from ..io.hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
-from ..io.safetensors_io import CheckpointError
+from ..version import __version__
+from .report import write_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,22 +56,6 @@ FORMATS = ("auto_round", "auto_gptq", "auto_awq")
 REFERENCE_DEFAULTS = {"amp": True, "enable_minmax_tuning": True, "enable_quanted_input": True,
                       "gradient_accumulate_steps": 1, "iters": 200}
 FLOAT_LAYER = {"bits": 16, "data_type": "float"}
-
-
-@dataclasses.dataclass
-class QuantizedModel:
-    """What an exporter writes, from a tuning run or an imported checkpoint; codes are fetched one layer at a time."""
-
-    config: ModelConfig
-    hf_config: dict[str, Any]  # config.json without quantization_config
-    reader: Any  # .get(name): float tensors and biases
-    dtype: np.dtype  # float tensors are written in this dtype
-    scheme: LayerScheme  # the global scheme
-    layer_config: dict[str, LayerScheme | None]  # every block linear -> its scheme, None for float
-    quantized: Mapping[str, QuantizedWeight]
-    settings: dict[str, Any]  # tuning keys for quantization_config, already filtered
-    files_dir: str | None  # tokenizer, chat template and generation config are copied from here
-    block_name: str = BLOCK_PREFIX
 
 
 # -- one linear ----------------------------------------------------------------------------------------------------
@@ -201,8 +188,6 @@ def _awq_keys(qm: QuantizedModel) -> dict[str, Any]:
 
 def quantization_config(qm: QuantizedModel, fmt: str) -> dict[str, Any]:
     """The quantization_config the reference writes for this format, with our version in place of its own."""
-    from .. import __version__
-
     s = qm.scheme
     out = {"bits": s.bits, "data_type": s.data_type, "group_size": s.group_size, "sym": s.sym, **qm.settings,
            "autoround_jax_version": __version__}
@@ -276,36 +261,26 @@ def write_quantized(qm: QuantizedModel, output_dir: str, fmt: str = "auto_round"
 
 
 # -- from a tuning run ---------------------------------------------------------------------------------------------
-def tuning_settings(ar) -> dict[str, Any]:
-    """The AutoRound settings the reference records, minus those equal to its defaults (filter_quantization_config).
+def tuning_settings(qm_or_settings) -> dict[str, Any]:
+    """The tuning settings the reference records, minus those equal to its defaults (filter_quantization_config).
 
     Its RTN route (iters=0) records neither iters nor a quantized input; amp is off where tuning ran in fp32.
+    Takes a run's QuantizedModel (or its raw settings dict).
     """
-    amp = jnp.dtype(ar.compute_dtype) == jnp.bfloat16
-    if ar.iters == 0:
-        raw = {"amp": amp, "enable_quanted_input": False}
+    raw = getattr(qm_or_settings, "settings", qm_or_settings)
+    iters = raw.get("iters", 0)
+    if not iters:
+        raw = {"amp": raw["amp"], "enable_quanted_input": False}
         defaults = REFERENCE_DEFAULTS
     else:
-        raw = {"amp": amp, "enable_minmax_tuning": ar.enable_minmax_tuning, "enable_quanted_input":
-               ar.enable_quanted_input, "gradient_accumulate_steps": ar.gradient_accumulate_steps, "iters": ar.iters,
-               "lr": ar.lr, "minmax_lr": ar.minmax_lr}
-        defaults = {**REFERENCE_DEFAULTS, "lr": 1.0 / ar.iters, "minmax_lr": 1.0 / ar.iters}
+        defaults = {**REFERENCE_DEFAULTS, "lr": 1.0 / iters, "minmax_lr": 1.0 / iters}
     return {k: v for k, v in raw.items() if k not in defaults or defaults[k] != v}
 
 
-def from_autoround(ar) -> QuantizedModel:
-    """The QuantizedModel of a finished AutoRound run read from a folder."""
-    if ar.source.path is None:
-        raise ValueError("saving needs a model loaded from a folder (pass a path or hub id to AutoRound)")
-    if not ar.reports:
-        raise ValueError("nothing to save: call quantize() first")
-    return QuantizedModel(ar.config, dict(ar.source.hf_config), ar.source.reader, np.dtype(ar.model_dtype),
-                          ar.default_scheme, dict(ar.layer_config), ar.quantized, tuning_settings(ar), ar.source.path)
+def save_run(qm: QuantizedModel, output_dir: str, overwrite: bool = False, fmt: str = "auto_round") -> str:
+    """Write a tuning run's QuantizedModel in one of FORMATS (report.md and loss.png included)."""
+    exported = dataclasses.replace(qm, settings=tuning_settings(qm))
+    return write_quantized(exported, output_dir, fmt, overwrite, report=lambda folder: write_report(qm, folder))
 
 
-def save_autoround(ar, output_dir: str, overwrite: bool = False, fmt: str = "auto_round") -> str:
-    """AutoRound.save_quantized's writer for FORMATS (report.md and loss.png included)."""
-    return write_quantized(from_autoround(ar), output_dir, fmt, overwrite, report=ar.write_report)
-
-
-EXPORTERS = {f: functools.partial(save_autoround, fmt=f) for f in FORMATS}
+EXPORTERS = {f: functools.partial(save_run, fmt=f) for f in FORMATS}

@@ -9,15 +9,13 @@ only, because that loader imports torch.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import numpy as np
 
-from autoround_jax.io.hf_folder import atomic_folder
-from autoround_jax.io.safetensors_io import save_file
-from autoround_jax.validation import check_finite
+from autoround_jax.io.hf_folder import atomic_folder, write_float_files, write_json
+from ..validation import check_finite
 
 SUPPORTED_ARCHITECTURE = "llama"
 TOKEN_TYPE_CONTROL = 3  # llama.cpp's token type for special tokens such as <|im_end|>
@@ -118,12 +116,12 @@ def _float32(value: float) -> float:
 
 
 def _write_folder(reader: Any, meta: dict[str, Any], path: str, folder: str) -> None:
-    """Everything a HF folder needs: weights, model config, generation config and tokenizer files."""
+    """Everything a HF folder needs: weights and model config (hf_folder's float writer), generation config and
+    tokenizer files built from the GGUF metadata."""
     tensors = _state_dict(reader, meta, path)
     for name, arr in tensors.items():  # a NaN/inf in the GGUF stops here, before the folder exists
         check_finite(arr, name, path, fix="the GGUF file is damaged: re-download it")
-    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    _write_json(folder, "config.json", _config(meta))
+    write_float_files(folder, tensors.items(), _config(meta), sort_keys=False)
     _write_json(folder, "generation_config.json", _generation_config(meta))
     _tokenizer(meta).save(os.path.join(folder, "tokenizer.json"))
     _write_json(folder, "tokenizer_config.json", _tokenizer_config(meta))
@@ -131,9 +129,7 @@ def _write_folder(reader: Any, meta: dict[str, Any], path: str, folder: str) -> 
 
 
 def _write_json(folder: str, name: str, obj: dict[str, Any]) -> None:
-    with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    write_json(obj, os.path.join(folder, name), sort_keys=False, ensure_ascii=False)
 
 
 def _state_dict(reader: Any, meta: dict[str, Any], path: str) -> dict[str, np.ndarray]:

@@ -10,24 +10,26 @@ scheme implies, so a checkpoint that disagrees with its config fails with one li
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Iterator, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
+from ..io.checkpoint import CheckpointReader, resolve_model_path
+from ..io.files import read_json
+from ..io.hf_folder import write_float_folder
+from ..models.builder import build_model
 from ..models.config import ModelConfig
-from ..models.decoder import CausalLM, DecoderBlock
-from ..models.layers import FloatWeight, Linear
-from ..models.loading import CheckpointReader, check_against, parse_dtype, resolve_model_path
-from ..models.params_table import BLOCK_PREFIX, BLOCK_TENSORS, block_prefix, expected_tensors, module_at
-from ..quant.packed_weight import PackedWeight, dequantize_codes
-from ..quant.qdq import QuantizedWeight
-from ..quant.scheme import SUPPORTED_BITS, LayerScheme
-from .auto_round import (FORMATS, PACKINGS, Packing, QuantizedModel, export_hf_config, iter_tensors, packed_shapes,
+from ..models.decoder import CausalLM
+from ..models.quantized import QuantizedModel
+from ..models.loading import check_against, parse_dtype
+from ..models.params_table import BLOCK_PREFIX, BLOCK_TENSORS, block_prefix, expected_tensors
+from ..quant.packed_weight import PackedWeight
+from ..quant.qdq import QuantizedWeight, dequantize
+from ..quant.rules import checkpoint_rules, global_scheme, quantized_blocks, resolve
+from ..quant.scheme import LayerScheme, UnsupportedSchemeError
+from .auto_round import (FORMATS, PACKINGS, Packing, export_hf_config, iter_tensors, packed_shapes,
                          unpack_linear, write_quantized)
-from ..io.hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
-from ..validation import read_json
 from ..io.safetensors_io import CheckpointError
 
 # Names older auto-round versions wrote (normalised as in convert_model.py).
@@ -98,66 +100,28 @@ def packing_of(qc: Mapping[str, Any]) -> str:
 
 
 def _global_scheme(qc: Mapping[str, Any]) -> LayerScheme:
-    bits = int(qc.get("bits", qc.get("w_bit", 4)))
-    group = int(qc.get("group_size", qc.get("q_group_size", 128)))
-    sym = bool(qc["sym"]) if "sym" in qc else not bool(qc.get("zero_point", False))
-    scheme = _scheme(LayerScheme(bits, group, sym), {"data_type": qc.get("data_type", "int")})
-    if scheme is None:
-        raise CheckpointError(f"quantization_config has bits {bits}: nothing is quantized")
-    return scheme
-
-
-def _scheme(base: LayerScheme, d: Mapping[str, Any]) -> LayerScheme | None:
-    """A per-layer override applied to the global scheme; None for a float layer."""
-    bits, data_type = int(d.get("bits", base.bits)), str(d.get("data_type", base.data_type))
-    if bits >= 16 or data_type in ("fp", "float", "float16", "bfloat16"):
-        return None
-    if not data_type.startswith("int") or bits not in SUPPORTED_BITS:
-        raise CheckpointError(f"unsupported scheme: data_type {data_type!r}, {bits} bits (int 2/3/4/8-bit only)")
-    return LayerScheme(bits, int(d.get("group_size", base.group_size)), bool(d.get("sym", base.sym)))
-
-
-def _search(pattern: str, name: str) -> bool:
     try:
-        return re.search(pattern, name) is not None
-    except re.error:  # the reference skips invalid patterns too
-        return False
+        return global_scheme(qc)
+    except UnsupportedSchemeError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _block_names(qc: Mapping[str, Any]) -> list[str]:
     """block_name_to_quantize as a list: 'a,b', ['a', 'b'], or nested lists of block names (their common prefix)."""
-    names = qc.get("block_name_to_quantize") or qc.get("to_quant_block_names") or BLOCK_PREFIX
-    if isinstance(names, str):
-        return [n.strip() for n in names.split(",") if n.strip()]
-    return [os.path.commonprefix(n).rstrip(".") if isinstance(n, (list, tuple)) else n for n in names]
-
-
-def _flat(items) -> list[str]:
-    return [x for n in items or [] for x in (n if isinstance(n, (list, tuple)) else [n])]
+    return quantized_blocks(qc, BLOCK_PREFIX)
 
 
 def layer_schemes(cfg: ModelConfig, qc: Mapping[str, Any]) -> dict[str, LayerScheme | None]:
     """Every block linear's scheme (None: float), with the reference loader's precedence: modules_to_not_convert and
-    modules_in_block_to_quantize, then exact extra_config names, then GPTQ dynamic, then extra_config regexes."""
+    modules_in_block_to_quantize, then exact extra_config names, then GPTQ dynamic, then extra_config regexes
+    (quant/rules.py's checkpoint_rules)."""
     base, blocks = _global_scheme(qc), _block_names(qc)
     names = [block_prefix(i) + s.name[: -len(".weight")] for i in range(cfg.num_layers) for s in BLOCK_TENSORS
              if s.role == "linear"]
-    extra = dict(qc.get("extra_config") or {})
-    dynamic = {k[2:]: ({"bits": 16} if k.startswith("-:") else v) for k, v in (qc.get("dynamic") or {}).items()
-               if k[:2] in ("+:", "-:")}
-    patterns = [dynamic, {k: v for k, v in extra.items() if k not in names}]
-    skip, keep = _flat(qc.get("modules_to_not_convert")), _flat(qc.get("modules_in_block_to_quantize"))
-    out: dict[str, LayerScheme | None] = {}
-    for name in names:
-        if not any(name == b or name.startswith(b + ".") for b in blocks) or any(_search(p, name) for p in skip) \
-                or keep and not any(_search(p, name) for p in keep):
-            out[name] = None
-        elif name in extra:
-            out[name] = _scheme(base, extra[name])
-        else:
-            match = next((d for table in patterns for p, d in table.items() if d and _search(p, name)), None)
-            out[name] = base if match is None else _scheme(base, match)
-    return out
+    try:
+        return resolve(names, base, checkpoint_rules(qc, names, blocks))
+    except UnsupportedSchemeError as e:
+        raise CheckpointError(str(e)) from None
 
 
 class PackedLayers(Mapping):
@@ -230,20 +194,14 @@ def open_quantized(name_or_path: str) -> QuantizedModel:
                           PackedLayers(reader, packing, schemes), settings, path, block)
 
 
-def _block(qm: QuantizedModel, i: int, dtype, backend: str) -> DecoderBlock:
-    """Block i with float tensors loaded and every quantized linear holding a PackedWeight."""
-    p = block_prefix(i)
-    quantized = [n[len(p):] for n, s in qm.layer_config.items() if s is not None and n.startswith(p)]
-    tensors = {}
-    for spec in BLOCK_TENSORS:
-        if spec.present(qm.config):
-            packed = spec.role == "linear" and spec.name[: -len(".weight")] in quantized
-            # A packed linear gets an empty placeholder weight that is replaced below.
-            tensors[spec.name] = np.zeros((0, 0), np.float32) if packed else qm.reader.get(p + spec.name)
-    block = DecoderBlock(qm.config, tensors, dtype)
-    for name in quantized:
-        module_at(block, name).weight = PackedWeight.from_quantized(qm.quantized[p + name], backend)
-    return block
+def packed_leaves(qm: QuantizedModel, backend: str):
+    """The weight-leaf factory of a packed import: a quantized linear becomes a PackedWeight (its float weight is never
+    read), every other linear stays float."""
+    def leaf(module: str, read_float):
+        if qm.layer_config.get(module) is None:
+            return None
+        return PackedWeight.from_quantized(qm.quantized[module], backend)
+    return leaf
 
 
 def load_quantized(name_or_path: str, dtype="auto", backend: str = "auto") -> CausalLM:
@@ -254,27 +212,15 @@ def load_quantized(name_or_path: str, dtype="auto", backend: str = "auto") -> Ca
     """
     qm = open_quantized(name_or_path)
     dtype = parse_dtype(dtype, qm.hf_config.get("dtype") or qm.hf_config.get("torch_dtype"))
-    cfg = qm.config
-    blocks = [_block(qm, i, dtype, backend) for i in range(cfg.num_layers)]
-    tensor = lambda name: jnp.asarray(qm.reader.get(name), dtype)  # noqa: E731
-    head = None if cfg.tie_word_embeddings else Linear(FloatWeight(tensor("lm_head.weight")))
-    return CausalLM(cfg, tensor("model.embed_tokens.weight"), blocks, tensor("model.norm.weight"), head)
-
-
-def dequantized_weight(qw: QuantizedWeight) -> np.ndarray:
-    """W [N, K] in float16 as the reference's QuantLinear computes it: fp16((q - zero) * scale)."""
-    codes_kn = np.asarray(qw.codes).T
-    return np.asarray(dequantize_codes(codes_kn, np.asarray(qw.scales).T, np.asarray(qw.zeros).T, qw.group_size)).T
+    return build_model(qm.config, qm.reader.get, dtype, packed_leaves(qm, backend), source=qm.files_dir)
 
 
 def save_float(qm: QuantizedModel, output_dir: str, overwrite: bool = False) -> str:
-    """A float HF folder (dtype of the stored float tensors) holding the dequantized weights."""
-    with atomic_folder(output_dir, overwrite) as tmp:
-        weight = lambda qw: {"weight": dequantized_weight(qw).astype(qm.dtype)}  # noqa: E731
-        write_sharded(iter_tensors(qm, weight, qm.dtype), tmp)
-        write_json(export_hf_config(qm, "auto_round", None), os.path.join(tmp, "config.json"))
-        copy_tokenizer_files(qm.files_dir, tmp)
-    return os.path.abspath(output_dir)
+    """A float HF folder (dtype of the stored float tensors) holding the dequantized weights, in float16 first as the
+    reference's QuantLinear computes them: fp16((q - zero) * scale)."""
+    weight = lambda qw: {"weight": np.asarray(dequantize(qw, jnp.float16)).astype(qm.dtype)}  # noqa: E731
+    return write_float_folder(iter_tensors(qm, weight, qm.dtype), export_hf_config(qm, "auto_round", None), output_dir,
+                              files_dir=qm.files_dir, overwrite=overwrite)
 
 
 CONVERT_TARGETS = (*FORMATS, "float")

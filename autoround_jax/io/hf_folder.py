@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -211,7 +211,29 @@ def copy_tokenizer_files(src: str | None, dst: str) -> None:
             shutil.copy2(path, os.path.join(dst, name))
 
 
-def write_json(obj, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+def write_json(obj, path: str, sort_keys: bool = True, ensure_ascii: bool = True) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
         f.write("\n")
+
+
+def write_float_files(folder: str, tensors: Iterable[tuple[str, np.ndarray]], hf_config: Mapping[str, Any],
+                      files_dir: str | None = None, sort_keys: bool = True) -> None:
+    """The files of a float HF folder, into an existing (temporary) folder: the (name, array) stream as sharded
+    safetensors (write_sharded: each array checked finite), config.json, and the tokenizer, chat template and
+    generation config files of files_dir. sort_keys=False writes config.json in the mapping's own key order."""
+    write_sharded(tensors, folder)
+    write_json(dict(hf_config), os.path.join(folder, "config.json"), sort_keys=sort_keys)
+    copy_tokenizer_files(files_dir, folder)
+
+
+def write_float_folder(tensors: Iterable[tuple[str, np.ndarray]], hf_config: Mapping[str, Any], output_dir: str, *,
+                       files_dir: str | None = None, overwrite: bool = False,
+                       extra: Callable[[str], None] | None = None) -> str:
+    """The one writer of float HF folders (a fake-quant export, a dequantized checkpoint): write_float_files into an
+    atomic folder, then extra(folder) may add files. Returns the absolute output path."""
+    with atomic_folder(output_dir, overwrite) as tmp:
+        write_float_files(tmp, tensors, hf_config, files_dir)
+        if extra is not None:
+            extra(tmp)
+    return os.path.abspath(output_dir)

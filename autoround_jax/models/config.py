@@ -138,10 +138,9 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str) -> "ModelConfig":
         """Read config.json from a local folder (or resolved hub snapshot)."""
-        import json
         import os
 
-        from ..validation import read_json
+        from ..io.files import read_json
 
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):

@@ -8,7 +8,6 @@ exporters can walk the same names.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -47,23 +46,25 @@ class KVCache:
         return cls(layers, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
-def _linear(t: Mapping[str, np.ndarray], name: str, dtype) -> Linear:
-    bias = t.get(f"{name}.bias")
-    return Linear(FloatWeight(jnp.asarray(t[f"{name}.weight"], dtype)), None if bias is None else jnp.asarray(bias, dtype))
+def _linear(in_features: int, out_features: int, bias: bool, dtype) -> Linear:
+    """A float Linear of zeros: built under nnx.eval_shape it is only shapes, filled later by models/builder.py."""
+    return Linear(FloatWeight(jnp.zeros((out_features, in_features), dtype)),
+                  jnp.zeros((out_features,), dtype) if bias else None)
 
 
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k norm and an optional KV cache."""
 
-    def __init__(self, cfg: ModelConfig, t: Mapping[str, np.ndarray], dtype):
+    def __init__(self, cfg: ModelConfig, dtype):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = _linear(t, "q_proj", dtype)
-        self.k_proj = _linear(t, "k_proj", dtype)
-        self.v_proj = _linear(t, "v_proj", dtype)
-        self.o_proj = _linear(t, "o_proj", dtype)
+        d = cfg.hidden_size
+        self.q_proj = _linear(d, cfg.q_size, cfg.qkv_bias, dtype)
+        self.k_proj = _linear(d, cfg.kv_size, cfg.qkv_bias, dtype)
+        self.v_proj = _linear(d, cfg.kv_size, cfg.qkv_bias, dtype)
+        self.o_proj = _linear(cfg.q_size, d, cfg.o_bias, dtype)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(jnp.asarray(t["q_norm.weight"], dtype), cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(jnp.asarray(t["k_norm.weight"], dtype), cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(jnp.ones((cfg.head_dim,), dtype), cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(jnp.ones((cfg.head_dim,), dtype), cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
@@ -116,30 +117,25 @@ def _attend_mixed(q, k, v, mask, kv_heads):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, t: Mapping[str, np.ndarray], dtype):
-        self.gate_proj = _linear(t, "gate_proj", dtype)
-        self.up_proj = _linear(t, "up_proj", dtype)
-        self.down_proj = _linear(t, "down_proj", dtype)
+    def __init__(self, cfg: ModelConfig, dtype):
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(d, i, cfg.mlp_bias, dtype)
+        self.up_proj = _linear(d, i, cfg.mlp_bias, dtype)
+        self.down_proj = _linear(i, d, cfg.mlp_bias, dtype)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _sub(t: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}
-
-
 class DecoderBlock(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
 
-    def __init__(self, cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype=jnp.float32):
-        """tensors: this block's HF tensors keyed without the "model.layers.{i}." prefix."""
-        self.input_layernorm = RMSNorm(jnp.asarray(tensors["input_layernorm.weight"], dtype), cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(
-            jnp.asarray(tensors["post_attention_layernorm.weight"], dtype), cfg.rms_norm_eps
-        )
-        self.self_attn = Attention(cfg, _sub(tensors, "self_attn."), dtype)
-        self.mlp = MLP(_sub(tensors, "mlp."), dtype)
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32):
+        """Shapes from the config only; models/builder.py builds it abstractly and fills its leaves."""
+        self.input_layernorm = RMSNorm(jnp.ones((cfg.hidden_size,), dtype), cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(jnp.ones((cfg.hidden_size,), dtype), cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, dtype)
+        self.mlp = MLP(cfg, dtype)
 
     def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, index=None):
         """Returns (output, updated cache or None). mask: [B, T, S] bool, True where a query may attend."""
@@ -188,19 +184,14 @@ def attention_inputs(rotary: Rotary, attention_mask: jax.Array | None, batch: in
 class CausalLM(nnx.Module):
     """Embedding, decoder blocks, final norm and (tied or untied) lm_head."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        embed: jax.Array,
-        blocks: list[DecoderBlock],
-        norm: jax.Array,
-        lm_head: nnx.Module | None,
-    ):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32):
+        """Shapes from the config only; models/builder.py builds it abstractly and fills its leaves."""
         self.config = cfg
-        self.embed_tokens = nnx.Param(embed)
-        self.layers = nnx.List(blocks)
-        self.norm = RMSNorm(norm, cfg.rms_norm_eps)
-        self.lm_head = lm_head  # None when tied to embed_tokens
+        self.embed_tokens = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))
+        self.layers = nnx.List([DecoderBlock(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(jnp.ones((cfg.hidden_size,), dtype), cfg.rms_norm_eps)
+        # None when tied to embed_tokens
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
         self.rotary = Rotary(cfg)
 
     @property

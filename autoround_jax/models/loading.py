@@ -1,7 +1,8 @@
 """Load HF checkpoints (local folder or hub id) into the NNX decoder, block by block, without torch.
 
-`CheckpointReader` gives name-level access across shards; `load_block` reads one decoder block so the tuner can
-walk a model of any size holding one block at a time; `load_model` assembles a whole model for inference.
+`load_block` reads one decoder block so the tuner can walk a model of any size holding one block at a time;
+`load_model` assembles a whole model for inference. Both go through models/builder.py (shape-only construction, then
+each tensor shape-checked and assigned); name-level file access is io/checkpoint.py's CheckpointReader.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import re
 from typing import Iterable
 
 import jax.numpy as jnp
-import numpy as np
 
-from ..io.safetensors_io import CheckpointError, SafetensorsFile
-from ..validation import check_finite, read_json
+from ..io.checkpoint import CheckpointReader, resolve_model_path
+from ..io.safetensors_io import CheckpointError
+from ..io.files import read_json
+from .builder import WeightLeaf, build_block, build_model
 from .config import ModelConfig
 from .decoder import CausalLM, DecoderBlock
-from .layers import FloatWeight, Linear
-from .params_table import block_prefix, expected_block_tensors, expected_tensors
+from .params_table import expected_tensors
 
 _DTYPES = {
     "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
@@ -38,82 +39,6 @@ def parse_dtype(dtype, config_dtype: str | None = None):
             raise ValueError(f"unknown dtype {dtype!r}: use one of bf16, fp16, fp32 or auto")
         return _DTYPES[dtype]
     return dtype
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A local folder as is; otherwise a hub id downloaded (or found in the cache) through huggingface_hub."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    if os.path.exists(name_or_path):
-        raise FileNotFoundError(f"{name_or_path} is a file: pass the model folder that holds config.json")
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        raise FileNotFoundError(f"model folder {name_or_path} not found: pass an existing folder or a hub id like Qwen/Qwen3-8B")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(
-            name_or_path,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
-        )
-    except Exception as e:  # offline or unknown repo: one line, with the fix
-        raise FileNotFoundError(
-            f"cannot fetch {name_or_path} from the hub ({e.__class__.__name__}): download it elsewhere and pass "
-            "the local folder, or unset HF_HUB_OFFLINE"
-        ) from None
-
-
-class CheckpointReader:
-    """Name-level access to the tensors of an HF folder (model.safetensors or an indexed set of shards)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
-        if os.path.isfile(index):
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-                raise CheckpointError(f"{index}: no \"weight_map\" object of tensor name -> shard file; restore or "
-                                      "re-download the index file")
-            files = {}
-            for fname in sorted(set(weight_map.values())):
-                fpath = os.path.join(path, fname)
-                if not os.path.isfile(fpath):
-                    raise CheckpointError(f"{fpath}: shard listed in model.safetensors.index.json is missing")
-                files[fname] = SafetensorsFile(fpath)
-            self._where = {}
-            for name, fname in weight_map.items():
-                if name not in files[fname].keys():
-                    raise CheckpointError(f"{fname}: the index lists tensor {name} but the shard does not hold it")
-                self._where[name] = files[fname]
-        elif os.path.isfile(single):
-            f = SafetensorsFile(single)
-            self._where = {k: f for k in f.keys()}
-        else:
-            raise CheckpointError(
-                f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints load)"
-            )
-
-        self._checked: set[str] = set()
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._where[name].shape(name)
-
-    def get(self, name: str) -> np.ndarray:
-        """The tensor as stored; a float tensor holding NaN or inf is refused (checked once per tensor)."""
-        if name not in self._where:
-            raise CheckpointError(f"{self.path}: tensor {name} is missing from the checkpoint")
-        arr = self._where[name].get(name)
-        if name not in self._checked:
-            check_finite(arr, name, self._where[name].path)
-            self._checked.add(name)
-        return arr
 
 
 def check_tensors(reader: CheckpointReader, cfg: ModelConfig) -> None:
@@ -141,21 +66,10 @@ def check_against(reader: CheckpointReader, want: dict, optional: dict | None = 
         raise CheckpointError(f"{reader.path}: checkpoint does not match its config.json: {' | '.join(problems)}")
 
 
-def read_block_tensors(reader: CheckpointReader, cfg: ModelConfig, i: int) -> dict[str, np.ndarray]:
-    """Block i's tensors keyed without prefix, shape-checked."""
-    p = block_prefix(i)
-    out = {}
-    for name, shape in expected_block_tensors(cfg).items():
-        arr = reader.get(p + name)
-        if arr.shape != shape:
-            raise CheckpointError(f"{reader.path}: {p + name} has shape {arr.shape}, config.json implies {shape}")
-        out[name] = arr
-    return out
-
-
-def load_block(reader: CheckpointReader, cfg: ModelConfig, i: int, dtype=jnp.float32) -> DecoderBlock:
-    """One decoder block, for block-by-block tuning."""
-    return DecoderBlock(cfg, read_block_tensors(reader, cfg, i), dtype)
+def load_block(reader: CheckpointReader, cfg: ModelConfig, i: int, dtype=jnp.float32,
+               weight_leaf: WeightLeaf | None = None, mesh=None) -> DecoderBlock:
+    """One decoder block, for block-by-block tuning (models/builder.py: abstract, then filled tensor by tensor)."""
+    return build_block(cfg, i, reader.get, dtype, weight_leaf, mesh, reader.path)
 
 
 class ModelSource:
@@ -181,21 +95,16 @@ class ModelSource:
                     ) from None
                 raise
 
-    def block(self, i: int, dtype=None) -> DecoderBlock:
-        return load_block(self.reader, self.config, i, dtype or self.dtype)
+    def block(self, i: int, dtype=None, weight_leaf: WeightLeaf | None = None, mesh=None) -> DecoderBlock:
+        return load_block(self.reader, self.config, i, dtype or self.dtype, weight_leaf, mesh)
 
     def tensor(self, name: str, dtype=None) -> jnp.ndarray:
         return jnp.asarray(self.reader.get(name), dtype or self.dtype)
 
-    def model(self, blocks: Iterable[DecoderBlock] | None = None, dtype=None) -> CausalLM:
-        """Assemble the full model (optionally from blocks already built, e.g. quantized ones)."""
-        cfg, dtype = self.config, dtype or self.dtype
-        if blocks is None:
-            blocks = [self.block(i, dtype) for i in range(cfg.num_layers)]
-        head = None if cfg.tie_word_embeddings else Linear(FloatWeight(self.tensor("lm_head.weight", dtype)))
-        return CausalLM(
-            cfg, self.tensor("model.embed_tokens.weight", dtype), list(blocks), self.tensor("model.norm.weight", dtype), head
-        )
+    def model(self, blocks: Iterable[DecoderBlock] | None = None, dtype=None, weight_leaf: WeightLeaf | None = None,
+              mesh=None) -> CausalLM:
+        """The full model (optionally from blocks already built, e.g. quantized ones), optionally on a mesh."""
+        return build_model(self.config, self.reader.get, dtype or self.dtype, weight_leaf, mesh, self.path, blocks)
 
 
 def load_model(name_or_path: str, dtype="auto") -> CausalLM:

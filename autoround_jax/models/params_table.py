@@ -64,6 +64,21 @@ def _block_tensors() -> tuple[TensorSpec, ...]:
 BLOCK_TENSORS: tuple[TensorSpec, ...] = _block_tensors()
 
 
+# Global tensors whose model path is not their HF name without "model." (the embedding is a bare Param).
+_GLOBAL_PATHS = {"model.embed_tokens.weight": "embed_tokens", "lm_head.weight": "lm_head.weight.w"}
+
+
+def model_path(spec: TensorSpec) -> str:
+    """The attribute path of a tensor in its scope (the model for GLOBAL_TENSORS, a block for BLOCK_TENSORS): a
+    linear's weight lives in its weight leaf ('self_attn.q_proj.weight' -> 'self_attn.q_proj.weight.w'); everything
+    else mirrors the HF name without "model."."""
+    name = spec.name
+    if name in _GLOBAL_PATHS:
+        return _GLOBAL_PATHS[name]
+    name = name[len("model."):] if name.startswith("model.") else name
+    return name + ".w" if spec.role == "linear" else name
+
+
 def module_at(root, dotted: str):
     """The submodule at a table path such as "self_attn.q_proj" (module names mirror HF tensor names)."""
     return functools.reduce(getattr, dotted.split("."), root)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from .pack import pack_rows, unpack_rows
-from .qdq import QuantizedWeight, group_len
+from .qdq import QuantizedWeight, dequantize_codes, group_len
 
 BACKENDS = ("auto", "pallas", "xla")
 
@@ -40,18 +40,6 @@ def _kernels(bits: int):
     if not (hasattr(kernels, "prepare") and hasattr(kernels, "int_matmul")):
         return None
     return kernels if bits in getattr(getattr(kernels, "layout", None), "SUPPORTED_BITS", (2, 4, 8)) else None
-
-
-def dequantize_codes(codes, scales, zeros, group_size: int) -> jax.Array:
-    """codes [K, N], scales and raw zeros [ceil(K/G), N] -> W.T [K, N] = fp16((q - zero) * scale).
-
-    The product of a float16 scale and an integer below 2^8 is exact in float32, so one cast rounds it exactly as
-    torch's float16 multiply in QuantLinear.forward does.
-    """
-    k = codes.shape[0]
-    rows = lambda a: jnp.repeat(jnp.asarray(a), group_len(k, group_size), axis=0)[:k]  # noqa: E731
-    diff = jnp.asarray(codes).astype(jnp.int32) - rows(zeros).astype(jnp.int32)
-    return (diff.astype(jnp.float32) * rows(scales).astype(jnp.float32)).astype(jnp.float16)
 
 
 class PackedWeight(nnx.Module):
@@ -104,7 +92,7 @@ class PackedWeight(nnx.Module):
 
     def dequantize_kn(self) -> jax.Array:
         """W.T [K, N] in float16."""
-        return dequantize_codes(*self._codes_scales_zeros(), self.group_size)
+        return dequantize_codes(*self._codes_scales_zeros(), self.group_size, axis=0).astype(jnp.float16)
 
     def dequantize(self) -> jax.Array:
         """W [N, K] in float16 (HF layout, like FloatWeight.dequantize)."""

@@ -257,11 +257,24 @@ def rtn(w: jax.Array, bits: int, group_size: int, sym: bool, scale_dtype=jnp.flo
     return quantize_to_codes(w, zero, one, one, bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype)
 
 
-@jax.jit
-def dequantize(qw: QuantizedWeight) -> jax.Array:
-    """(codes - zeros) * scales per group, float32 [N, K]: the value a packed checkpoint decodes to."""
-    k = qw.codes.shape[1]
-    g = group_len(k, qw.group_size)
-    scales = jnp.repeat(qw.scales.astype(jnp.float32), g, axis=1)[:, :k]
-    zeros = jnp.repeat(qw.zeros, g, axis=1)[:, :k]
-    return (qw.codes.astype(jnp.int32) - zeros).astype(jnp.float32) * scales
+def dequantize_codes(codes, scales, zeros, group_size: int, axis: int = -1) -> jax.Array:
+    """The one dequantization: (codes - zeros) * scales in float32, groups of group_size running along `axis` of
+    codes (K elements there), scales and raw zeros holding one entry per group (ceil(K/G)) along that axis.
+
+    A float16 scale times an integer below 2^8 is exact in float32, so casting the result to float16 afterwards
+    rounds it exactly as torch's float16 multiply in the reference's QuantLinear.forward does.
+    """
+    codes = jnp.asarray(codes)
+    axis = axis % codes.ndim
+    k = codes.shape[axis]
+    g = group_len(k, group_size)
+    rows = lambda a: jax.lax.slice_in_dim(jnp.repeat(jnp.asarray(a), g, axis=axis), 0, k, axis=axis)  # noqa: E731
+    diff = codes.astype(jnp.int32) - rows(zeros).astype(jnp.int32)
+    return diff.astype(jnp.float32) * rows(scales).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
+    """(codes - zeros) * scales per group, [N, K] in float32 (the value a packed checkpoint decodes to), then cast to
+    dtype (float16: what the reference's QuantLinear computes)."""
+    return dequantize_codes(qw.codes, qw.scales, qw.zeros, qw.group_size, axis=1).astype(dtype)

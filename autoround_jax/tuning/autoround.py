@@ -10,7 +10,6 @@ each linear's imatrix, then an imatrix-weighted scale search (quant/opt_rtn.py) 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import random
@@ -30,16 +29,17 @@ from ..models.decoder import CausalLM, DecoderBlock, Rotary, attention_inputs
 from ..models.layers import FloatWeight
 from ..models.loading import ModelSource, parse_dtype
 from ..models.precision import compute_dtype
+from ..models.quantized import PHASES, BlockReport, QuantizedModel
 from ..models.params_table import module_at
 from ..quant.opt_rtn import opt_rtn
 from ..quant.qdq import QuantizedWeight, dequantize
-from ..validation import check_block, validate_before_tuning
+from .checks import check_block, validate_before_tuning
 from ..quant.scheme import SCHEMES, LayerScheme
 from .fake_quant import FakeQuantWeight
 from .imatrix import collect_block_imatrix
 from .layer_selection import resolve_layers
 from .signround import TuneSettings, padded_chunks, tune_block
-from .timing import PHASES, BlockTimer
+from .timing import BlockTimer
 
 PRESETS = {
     "default": dict(iters=200, nsamples=128, seqlen=2048, batch_size=8),
@@ -84,16 +84,6 @@ def apply_block(block: nnx.Module, x: jax.Array, cos, sin, mask, batch_size: int
     graphdef, state = nnx.split(block)
     return jnp.concatenate([_apply(graphdef, state, chunk, cos, sin, mask)[:valid]
                             for chunk, valid in padded_chunks(x, batch_size)])
-
-
-@dataclasses.dataclass
-class BlockReport:
-    index: int
-    loss_rtn: float | None
-    loss_best: float | None
-    best_iter: int | None
-    seconds: float
-    split: dict[str, float] = dataclasses.field(default_factory=dict)  # io/forward/step/compile/finalize seconds
 
 
 class AutoRound:
@@ -375,62 +365,45 @@ class AutoRound:
         """The fake-quant model (float weights holding the quantized values), for evaluation in JAX."""
         return self.source.model([self.quantized_block(i, dtype) for i in range(self.config.num_layers)], dtype)
 
+    def result(self) -> QuantizedModel:
+        """The run as plain data (integer codes, layer schemes, per-block reports, settings): what exporters take."""
+        if self.source.path is None:
+            raise ValueError("saving needs a model loaded from a folder (pass a path or hub id to AutoRound)")
+        if not self.reports:
+            raise ValueError("nothing to save: call quantize() first")
+        amp = jnp.dtype(self.compute_dtype) == jnp.bfloat16
+        settings = {"amp": amp, "iters": self.iters}
+        if self.iters:
+            settings.update(enable_minmax_tuning=self.enable_minmax_tuning,
+                            enable_quanted_input=self.enable_quanted_input,
+                            gradient_accumulate_steps=self.gradient_accumulate_steps, lr=self.lr,
+                            minmax_lr=self.minmax_lr)
+        return QuantizedModel(self.config, dict(self.source.hf_config), self.source.reader, np.dtype(self.model_dtype),
+                              self.default_scheme, dict(self.layer_config), self.quantized, settings, self.source.path,
+                              reports=list(self.reports), summary=self.summary(),
+                              compute_dtype=jnp.dtype(self.compute_dtype).name)
+
     def save_quantized(self, output_dir: str = "tmp_autoround", format: str = "fake", overwrite: bool = False) -> str:
         """Write the quantized model. Formats: "fake" (float HF folder holding the dequantized weights),
         "auto_round", "auto_gptq", "auto_awq" (packed ints, as the reference writes them). A comma list writes one
         subfolder per format, named as the reference names them (e.g. OUT/auto-round-auto-gptq, OUT/auto-gptq)."""
-        from ..formats.auto_round import EXPORTERS, folder_name, from_autoround
+        from ..formats.auto_round import EXPORTERS, folder_name
         from ..formats.fake import save_fake
         from ..io.hf_folder import atomic_folder
 
-        if not self.reports:
-            raise ValueError("nothing to save: call quantize() first")
         formats = {"fake": save_fake, **EXPORTERS}
         names = [f.strip() for f in format.split(",") if f.strip()]
         unknown = [f for f in names if f not in formats]
         if not names or unknown:
             raise ValueError(f"unknown format {', '.join(unknown) or format!r}: use one of {', '.join(formats)} "
                              "or a comma list of them")
+        qm = self.result()
         if len(names) == 1:
-            return formats[names[0]](self, output_dir, overwrite)
-        qm = from_autoround(self)
+            return formats[names[0]](qm, output_dir, overwrite)
         with atomic_folder(output_dir, overwrite) as tmp:
             for f in names:
-                formats[f](self, os.path.join(tmp, "fake" if f == "fake" else folder_name(qm, f)), False)
+                formats[f](qm, os.path.join(tmp, "fake" if f == "fake" else folder_name(qm, f)), False)
         return os.path.abspath(output_dir)
-
-    def write_report(self, folder: str) -> None:
-        """report.md (per-block RTN vs tuned loss, timing) and loss.png in the output folder."""
-        lines = ["# autoround-jax quantization report", "", "```", self.summary(), "```", "",
-                 f"amp: {jnp.dtype(self.compute_dtype).name} matmuls; seconds split per block into "
-                 "io (block load), forward (float targets and quantized inputs), step (the tuning loop), compile, "
-                 "finalize (codes and qdq weights).", "",
-                 "| block | RTN loss (iter 0) | tuned loss | best iter | seconds | "
-                 + " | ".join(PHASES) + " |", "|---|---|---|---|---|" + "---|" * len(PHASES)]
-        for r in self.reports:
-            fmt = lambda v: "-" if v is None else f"{v:.6g}"  # noqa: E731
-            split = " | ".join(f"{r.split[p]:.2f}" if r.split else "-" for p in PHASES)
-            lines.append(f"| {r.index} | {fmt(r.loss_rtn)} | {fmt(r.loss_best)} | {fmt(r.best_iter)} | {r.seconds:.2f} | "
-                         f"{split} |")
-        with open(os.path.join(folder, "report.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        tuned = [r for r in self.reports if r.loss_best is not None]
-        if tuned:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(7, 3.5))
-            ax.plot([r.index for r in tuned], [r.loss_rtn for r in tuned], "o-", label="RTN (iter 0)")
-            ax.plot([r.index for r in tuned], [r.loss_best for r in tuned], "o-", label="tuned (best iter)")
-            ax.set_xlabel("block")
-            ax.set_ylabel("block output MSE")
-            ax.set_yscale("log")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(os.path.join(folder, "loss.png"), dpi=110)
-            plt.close(fig)
 
     def _rtn_label(self) -> str:
         if self.iters:
@@ -484,4 +457,6 @@ class _InMemorySource:
         m = self._model
         if blocks is None:
             return m
-        return CausalLM(self.config, m.embed_tokens[...], list(blocks), m.norm.weight[...], m.lm_head)
+        out = nnx.merge(*nnx.split(m))  # the same arrays in a new module tree, whose blocks are replaced
+        out.layers = nnx.List(list(blocks))
+        return out

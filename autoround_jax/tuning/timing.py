@@ -10,6 +10,8 @@ import time
 
 import jax
 
+from ..models.quantized import PHASES
+
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 _compile_seconds = [0.0]
@@ -21,8 +23,6 @@ def _on_event(event: str, duration: float, **_) -> None:
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_event)
-
-PHASES = ("io", "forward", "step", "compile", "finalize")
 
 
 class BlockTimer:

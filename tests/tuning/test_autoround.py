@@ -112,8 +112,8 @@ def test_amp_on_a_bf16_cpu_tunes_in_bf16_and_records_it(folder, ids, monkeypatch
     for a, b in zip(bf16.reports, fp32.reports):
         assert a.loss_best < a.loss_rtn, a
         assert abs(a.loss_rtn - b.loss_rtn) <= 0.05 * b.loss_rtn, (a, b)
-    assert "amp" not in tuning_settings(bf16)  # the reference's default amp=True is not written
-    assert tuning_settings(fp32)["amp"] is False
+    assert "amp" not in tuning_settings(bf16.result())  # the reference's default amp=True is not written
+    assert tuning_settings(fp32.result())["amp"] is False
     monkeypatch.setenv("AUTOROUND_JAX_CPU_BF16", "0")
     assert _run(folder, ids, iters=2).compute_dtype == jnp.float32  # AVX2-only CPUs: amp falls back to fp32
 
