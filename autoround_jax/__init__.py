@@ -5,7 +5,7 @@ Importing this package never imports torch.
 """
 
 import importlib.abc as _abc
-import importlib.util as _util
+import importlib.machinery as _machinery
 import os as _os
 import sys as _sys
 
@@ -17,10 +17,11 @@ class _SourceTreeKernels(_abc.MetaPathFinder):
     _dir = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != __name__ + ".kernels" or not _os.path.isfile(_os.path.join(self._dir, "__init__.py")):
+        if fullname != __name__ + ".kernels" or not _os.path.isfile(_os.path.join(self._dir, "api.py")):
             return None
-        return _util.spec_from_file_location(fullname, _os.path.join(self._dir, "__init__.py"),
-                                             submodule_search_locations=[self._dir])
+        spec = _machinery.ModuleSpec(fullname, None, is_package=True)  # a namespace package, as installed
+        spec.submodule_search_locations = [self._dir]
+        return spec
 
 
 if not any(isinstance(f, _SourceTreeKernels) for f in _sys.meta_path):

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from autoround_jax.kernels import PackedWeight, dequantize, gpu, int_matmul, pallas_matmul, pallas_schedule, prepare  # noqa: E402
+from autoround_jax.kernels.api import PackedWeight, dequantize, gpu, int_matmul, pallas_matmul, pallas_schedule, prepare  # noqa: E402
 
 LAYERS = [(4096, 4096), (5120, 27648), (27648, 5120)]
 MS = [1, 4, 16, 64, 256]

@@ -112,12 +112,26 @@ def test_the_wheel_installs_kernels_inside_our_namespace(tmp_path):
     tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"autoround_jax"}
     names = zipfile.ZipFile(wheel).namelist()
-    assert "autoround_jax/kernels/int_matmul.py" in names and "autoround_jax/kernels/__init__.py" in names
+    assert "autoround_jax/kernels/int_matmul.py" in names and "autoround_jax/kernels/api.py" in names
 
 
 def test_a_source_tree_without_install_finds_the_kernels_too():
     import autoround_jax
 
     spec = autoround_jax._SourceTreeKernels().find_spec("autoround_jax.kernels")
-    assert spec is not None and spec.origin == os.path.join(os.path.abspath(ROOT), "kernels", "__init__.py")
+    assert spec is not None and list(spec.submodule_search_locations) == [os.path.join(os.path.abspath(ROOT), "kernels")]
     assert autoround_jax._SourceTreeKernels().find_spec("kernels") is None
+
+
+def test_the_checkout_does_not_shadow_an_installed_kernels_package(tmp_path):
+    """With the checkout root first on sys.path (as `python -m pytest` puts it), `import kernels` still finds an
+    installed package of that name (recent transformers imports the PyPI `kernels`): kernels/ has no __init__.py."""
+    import subprocess
+
+    site = tmp_path / "site" / "kernels"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("WHO = 'installed'\n")
+    code = "import sys; sys.path.insert(1, sys.argv[1]); import kernels; print(kernels.WHO)"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "installed", out.stderr[-2000:]
+    assert not os.path.exists(os.path.join(ROOT, "kernels", "__init__.py"))

@@ -34,7 +34,7 @@ class Packed(nnx.Variable):
 def _kernels(bits: int):
     """The kernels package if it is importable and takes this bit width, else None."""
     try:
-        kernels = importlib.import_module("autoround_jax.kernels")
+        kernels = importlib.import_module("autoround_jax.kernels.api")
     except ImportError:
         return None
     if not (hasattr(kernels, "prepare") and hasattr(kernels, "int_matmul")):
@@ -76,7 +76,7 @@ class PackedWeight(nnx.Module):
         return self.out_features, self.in_features
 
     def _kernel_weight(self):
-        kernels = importlib.import_module("autoround_jax.kernels")
+        kernels = importlib.import_module("autoround_jax.kernels.api")
         return kernels.PackedWeight(self.qweight[...], self.scales[...], self.zeros[...], bits=self.bits,
                                     group_size=self.kernel_group, k=self.in_features,
                                     n=self.out_features, plane=self.plane)
@@ -85,7 +85,7 @@ class PackedWeight(nnx.Module):
         """Codes [K, N] and the per-group scales and zeros [ng, N], whatever the storage layout."""
         ng = -(-self.in_features // group_len(self.in_features, self.group_size))
         if self.use_kernels:
-            codes = importlib.import_module("autoround_jax.kernels").unpack_codes(self._kernel_weight())[: self.in_features]
+            codes = importlib.import_module("autoround_jax.kernels.api").unpack_codes(self._kernel_weight())[: self.in_features]
         else:
             codes = unpack_rows(self.qweight[...], self.bits)
         return codes, self.scales[...][:ng], self.zeros[...][:ng]
@@ -100,6 +100,6 @@ class PackedWeight(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_kernels:
-            kernels = importlib.import_module("autoround_jax.kernels")
+            kernels = importlib.import_module("autoround_jax.kernels.api")
             return kernels.int_matmul(x, self._kernel_weight(), backend=self.backend)
         return jnp.einsum("...k,kn->...n", x, self.dequantize_kn().astype(x.dtype))

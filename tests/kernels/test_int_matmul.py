@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autoround_jax import kernels
-from autoround_jax.kernels import KernelConfig, int_matmul, pallas_matmul, prepare
+from autoround_jax.kernels import api as kernels
+from autoround_jax.kernels.api import KernelConfig, int_matmul, pallas_matmul, prepare
 from autoround_jax.kernels import tpu as tpu_schedules
 
 # (M, K, N, group_size, bits, sym): every M of {1, 7, 16, 64, 256}, Qwen-like

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from autoround_jax.kernels import KernelConfig, gpu, pallas_matmul, prepare
+from autoround_jax.kernels.api import KernelConfig, gpu, pallas_matmul, prepare
 from autoround_jax.kernels import tpu as tpu_schedules
 from tests.kernels.test_int_matmul import assert_close, make_weight, make_x
 
