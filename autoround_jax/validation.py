@@ -1,10 +1,10 @@
-"""Checks that keep bad input from becoming a bad model: non-finite values, token ids beyond the vocabulary,
-metadata files that are not what their name says.
+"""Checks that keep bad input from becoming a bad model: non-finite values and token ids beyond the vocabulary.
 
-Every check raises a ValueError subclass whose first line names the problem, the tensor or file, and the fix; the
-command line prints that line as `autoround-jax: error: ...` (exit 2). The checks are called from one place each:
-the checkpoint reader (every float tensor read from disk), the folder writer (every float tensor written), the
-tuner's block loops (each block's loss, scales and codes) and the entry of `AutoRound.quantize`.
+The base of the layering: it imports nothing of the package. Every check raises a ValueError subclass whose first
+line names the problem, the tensor, and the fix; the command line prints it as `autoround-jax: error: ...` (exit 2).
+They are called from one place each: the checkpoint reader (every float tensor read from disk), the folder writer
+(every float tensor written), and the tuner's checks (tuning/checks.py: each block's loss, scales and codes, and
+everything before the first block). Metadata files are read with one-line errors by io/files.py.
 """
 
 from __future__ import annotations
