@@ -31,6 +31,8 @@ if [ "$want_test" = 1 ]; then
   # torch first, pinned: the local CPU wheel. Anything else pulls gigabytes of CUDA packages.
   $pip install -q "torch==2.13.0"
   $pip install -q -e ".[test]"
+  # The wheels the prepared GPU run installs on a machine without network (tests check them; gitignored).
+  PYTHON="$venv/bin/python" bash scripts/fetch_gpu_wheels.sh >/dev/null
 else
   $pip install -q -e .
 fi

@@ -94,10 +94,11 @@ def test_install_plan_takes_only_what_the_machine_lacks(tmp_path):
     assert files == [] and notes == ["auto-round 0.16.1 already installed"]
 
 
-@pytest.mark.skipif(not (ROOT / ".gpu_wheels").is_dir(), reason="no .gpu_wheels/ (scripts/fetch_gpu_wheels.sh)")
 def test_fetched_wheels_cover_the_reference_on_the_gpu_image():
     """Against the GPU image's package list (the device notes' KINDS.md: versions where it gives them, else a recent
-    one assumed): every requirement of what gets installed is met, and the missing projects come from the wheels."""
+    one assumed): every requirement of what gets installed is met, and the missing projects come from the wheels.
+    `scripts/setup.sh --test` fetches them (scripts/fetch_gpu_wheels.sh)."""
+    assert (ROOT / ".gpu_wheels").is_dir(), "no .gpu_wheels/: run bash scripts/fetch_gpu_wheels.sh"
     wheels = gpu_suite.read_wheels(ROOT / ".gpu_wheels")
     image = {"torch": "2.11.0", "numpy": "2.5.2", "transformers": "5.17.0", "accelerate": "1.15.0",
              "huggingface-hub": "1.33.0", "tqdm": "4.67.1", "py-cpuinfo": "9.0.0", "requests": "2.32.5",

@@ -152,7 +152,7 @@ def test_auto_on_cpu_uses_xla(monkeypatch):
   def no_pallas(*args, **kwargs):
     raise AssertionError("auto must not use Pallas on CPU")
 
-  dispatch = importlib.import_module("kernels.int_matmul")  # module, not the function
+  dispatch = importlib.import_module("autoround_jax.kernels.int_matmul")  # module, not the function
   monkeypatch.setattr(dispatch, "pallas_matmul", no_pallas)
   tensors, w_ref = make_weight(256, 128, 64, 4, True, seed=10)
   w = prepare(*tensors, bits=4, group_size=64)
