@@ -41,6 +41,9 @@ def place(value: jax.Array, path: str, mesh: Mesh | None) -> jax.Array:
 def leaf_shardings(tree, mesh: Mesh, prefix: str = ""):
     """NamedShardings for every array of an (abstract) nnx state, keyed like it: what an orbax restore asks for."""
     def one(path, leaf):
-        name = prefix + ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if keys and keys[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+            keys = keys[:-1]  # an nnx Variable's value: the path names the Variable
+        name = prefix + ".".join(keys)
         return NamedSharding(mesh, partition_spec(name, tuple(jnp.shape(leaf)), mesh))
     return jax.tree_util.tree_map_with_path(one, tree)

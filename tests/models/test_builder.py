@@ -91,6 +91,15 @@ def test_a_mesh_shards_linears_along_output_features():
         assert {s.data.shape for s in o.addressable_shards} == {(32, 64)}
         n = sharded.layers[0].input_layernorm.weight[...]
         assert {s.data.shape for s in n.addressable_shards} == {(64,)}  # replicated
+        from flax import nnx
+        from jax.sharding import PartitionSpec
+        from autoround_jax.models.builder import abstract_block
+        from autoround_jax.models.sharding import leaf_shardings
+        specs = leaf_shardings(nnx.state(abstract_block(CFG, np.float32)), mesh, "layers.0.")
+        flat = {".".join(str(getattr(k, "key", "")) for k in p).strip("."): v.spec
+                for p, v in jax.tree_util.tree_flatten_with_path(specs)[0]}
+        assert flat["mlp.up_proj.weight.w"] == PartitionSpec("fsdp", None), flat
+        assert flat["input_layernorm.weight"] == PartitionSpec()
         ids = np.array([[1, 5, 9, 2]])
         np.testing.assert_allclose(np.asarray(sharded(ids)), np.asarray(plain(ids)), rtol=1e-5, atol=1e-5)
         print("ok")
