@@ -230,7 +230,14 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
                    help="fake (float folder with quantized values), auto_round, auto_gptq, auto_awq, or a comma list")
     p.add_argument("--output_dir", default="./tmp_autoround")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--device", "--device_map", dest="device", default=None, help="accepted for compatibility; JAX picks")
+    p.add_argument("--device", "--device_map", dest="device", default=None,
+                   help="devices to tune on, as indices (0,1,2,3) or auto (default: all)")
+    p.add_argument("--mesh", default=None, help="device mesh axes, e.g. data=4,fsdp=2 (default: every device on data)")
+    p.add_argument("--low_gpu_mem_usage", action="store_true",
+                   help="keep the cached activations in host memory; only each step's mini-batches go to the devices")
+    p.add_argument("--disable_low_cpu_mem_usage", dest="low_cpu_mem_usage", action="store_false",
+                   help="keep every block's codes in memory and write the export at the end (default: each block is "
+                        "written as soon as it is done)")
     p.add_argument("--eval", action="store_true", help="after quantizing, evaluate float and quantized with lm-eval")
     p.add_argument("--disable_eval", action="store_true", help="skip --eval (the reference's flag)")
     p.add_argument("--tasks", default="lambada_openai,hellaswag,winogrande,piqa,mmlu,truthfulqa_mc1,openbookqa,"
@@ -239,7 +246,6 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, default=None)
     p.add_argument("--include_path", default=None, help="folder of local lm-eval task YAMLs")
     p.add_argument("--enable_torch_compile", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--low_gpu_mem_usage", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -257,7 +263,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         to_quant_block_names=args.to_quant_block_names, enable_minmax_tuning=not args.disable_minmax_tuning,
         enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
         scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, amp=not args.disable_amp, scheme=args.scheme,
-        disable_opt_rtn=pick("disable_opt_rtn"),
+        disable_opt_rtn=pick("disable_opt_rtn"), mesh=args.mesh, device_map=args.device,
+        low_gpu_mem_usage=args.low_gpu_mem_usage, low_cpu_mem_usage=args.low_cpu_mem_usage,
     )
     if args.bits is not None:
         kw["bits"] = args.bits
@@ -282,12 +289,21 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         from .eval_cli import resolve_tasks
 
         resolve_tasks(args.tasks, args.include_path)  # a bad task name fails before tuning
-    qmodel, _ = ar.quantize()
+    saved = ar.quantize_and_save(out, format=args.format, overwrite=args.overwrite)
     print(ar.summary())
-    saved = ar.save_quantized(out, format=args.format, overwrite=args.overwrite)
     print(f"saved {args.format} model to {saved}")
     if args.eval and not args.disable_eval:
-        _eval_float_and_quantized(ar, qmodel, args, saved)
+        _eval_float_and_quantized(ar, _saved_model(ar, saved, args.format), args, saved)
+
+
+def _saved_model(ar, folder: str, fmt: str):
+    """The quantized model to evaluate: read back from what was written when it was streamed (the codes are gone),
+    else the run's own fake-quant model."""
+    if ar._streamed_to is None:
+        return ar.model()
+    from .formats.quantized_import import load_any
+
+    return load_any(folder)
 
 
 def _eval_float_and_quantized(ar, qmodel, args: argparse.Namespace, folder: str) -> None:

@@ -137,6 +137,12 @@ def _check_exportable(qm: QuantizedModel, fmt: str) -> None:
     missing = [n for n, s in qm.layer_config.items() if s is not None and n not in qm.quantized]
     if missing:
         raise ValueError(f"no integer codes for {len(missing)} quantized layers (e.g. {missing[0]}): quantize first")
+    check_format_fits(qm, fmt)
+
+
+def check_format_fits(qm: QuantizedModel, fmt: str) -> None:
+    """Whether fmt can hold qm's layer schemes (known before tuning, so a streaming export checks it first)."""
+    resolve_packing(qm, fmt)
     if fmt == "auto_awq":
         odd = [n for n, s in qm.layer_config.items() if s is not None and s != qm.scheme]
         if odd:
@@ -219,44 +225,65 @@ def _float(qm: QuantizedModel, name: str, dtype=None) -> np.ndarray:
     return a if a.dtype == np.float32 else a.astype(dtype or qm.dtype)
 
 
+def global_tensors(qm: QuantizedModel) -> Iterator[tuple[str, np.ndarray]]:
+    """The tensors outside the blocks (embedding, final norm, untied lm_head), in the model dtype."""
+    for spec in GLOBAL_TENSORS:
+        if spec.present(qm.config):
+            yield spec.name, _float(qm, spec.name)
+
+
+def block_tensors(qm: QuantizedModel, i: int, linear: Callable[[QuantizedWeight], dict[str, np.ndarray]],
+                  bias_dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """Block i's tensors: float ones in the model dtype, a quantized linear's weight replaced by linear(codes)
+    (tensors by suffix), its bias in bias_dtype."""
+    cfg = qm.config
+    p = block_prefix(i)
+    for spec in BLOCK_TENSORS:
+        if not spec.present(cfg):
+            continue
+        full = p + spec.name
+        module = full.rsplit(".", 1)[0]
+        if spec.role == "float" or qm.layer_config.get(module) is None:
+            yield full, _float(qm, full)
+        elif spec.role == "linear":
+            for suffix, arr in linear(qm.quantized[module]).items():
+                yield f"{module}.{suffix}", arr
+        else:
+            yield full, _float(qm, full, bias_dtype)
+
+
 def iter_tensors(qm: QuantizedModel, linear: Callable[[QuantizedWeight], dict[str, np.ndarray]],
                  bias_dtype) -> Iterator[tuple[str, np.ndarray]]:
-    """Every tensor of an export, block by block (one block's layers in memory at a time): float tensors in the
-    model dtype, a quantized linear's weight replaced by linear(codes) (tensors by suffix), its bias in bias_dtype."""
-    cfg = qm.config
-    for spec in GLOBAL_TENSORS:
-        if spec.present(cfg):
-            yield spec.name, _float(qm, spec.name)
-    for i in range(cfg.num_layers):
-        p = block_prefix(i)
-        for spec in BLOCK_TENSORS:
-            if not spec.present(cfg):
-                continue
-            full = p + spec.name
-            module = full.rsplit(".", 1)[0]
-            if spec.role == "float" or qm.layer_config.get(module) is None:
-                yield full, _float(qm, full)
-            elif spec.role == "linear":
-                for suffix, arr in linear(qm.quantized[module]).items():
-                    yield f"{module}.{suffix}", arr
-            else:
-                yield full, _float(qm, full, bias_dtype)
+    """Every tensor of an export, block by block (one block's layers in memory at a time)."""
+    yield from global_tensors(qm)
+    for i in range(qm.config.num_layers):
+        yield from block_tensors(qm, i, linear, bias_dtype)
+
+
+def linear_packer(qm: QuantizedModel, fmt: str) -> Callable[[QuantizedWeight], dict[str, np.ndarray]]:
+    """What a quantized linear becomes in format fmt (its packed tensors, by suffix)."""
+    packing = PACKINGS[resolve_packing(qm, fmt)]
+    return lambda qw: pack_linear(qw, packing)
+
+
+def write_metadata(qm: QuantizedModel, folder: str, fmt: str, report=None) -> None:
+    """Everything of an export except its tensors: config.json, quantization_config.json, tokenizer files, and
+    whatever report(folder) adds."""
+    qc = quantization_config(qm, fmt)
+    write_json(export_hf_config(qm, fmt, qc), os.path.join(folder, "config.json"))
+    write_json(qc, os.path.join(folder, "quantization_config.json"))
+    copy_tokenizer_files(qm.files_dir, folder)
+    if report is not None:
+        report(folder)
 
 
 def write_quantized(qm: QuantizedModel, output_dir: str, fmt: str = "auto_round", overwrite: bool = False,
                     report=None) -> str:
     """Write qm in one of FORMATS into output_dir (atomically); report(folder) may add files."""
-    packing_name = resolve_packing(qm, fmt)
     _check_exportable(qm, fmt)
-    qc = quantization_config(qm, fmt)
     with atomic_folder(output_dir, overwrite) as tmp:
-        packing = PACKINGS[packing_name]
-        write_sharded(iter_tensors(qm, lambda qw: pack_linear(qw, packing), np.float16), tmp)
-        write_json(export_hf_config(qm, fmt, qc), os.path.join(tmp, "config.json"))
-        write_json(qc, os.path.join(tmp, "quantization_config.json"))
-        copy_tokenizer_files(qm.files_dir, tmp)
-        if report is not None:
-            report(tmp)
+        write_sharded(iter_tensors(qm, linear_packer(qm, fmt), np.float16), tmp)
+        write_metadata(qm, tmp, fmt, report)
     return os.path.abspath(output_dir)
 
 

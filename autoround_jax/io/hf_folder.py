@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from ..validation import check_finite
-from .safetensors_io import save_file
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
@@ -161,44 +160,95 @@ def _move_into_place(tmp: str, out_dir: str, overwrite: bool) -> None:
         raise
 
 
-def write_sharded(tensors: Iterable[tuple[str, np.ndarray]], folder: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Stream (name, array) pairs into shards of at most max_shard_bytes; one shard is named model.safetensors."""
-    shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
-    written: list[str] = []
-    total = 0
+class ShardedWriter:
+    """Safetensors shards written as tensors arrive, holding at most one tensor in memory.
 
-    def flush() -> None:
-        path = os.path.join(folder, f"shard-{len(written):05d}.tmp")
-        save_file(shards[-1], path, metadata={"format": "pt"})
-        written.append(path)
+    A shard's tensors are appended to a spill file; when the shard is full (or at close) its header is written and
+    the bytes are copied over in safetensors order. The result is byte-identical to collecting every tensor and
+    calling save_file: same shard split (at most max_shard_bytes, in arrival order), same names, same index.
+    """
 
-    names: list[list[str]] = [[]]
-    for name, arr in tensors:
+    _COPY = 64 << 20  # bytes per copy step
+
+    def __init__(self, folder: str, max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.folder, self.max_shard_bytes = folder, max_shard_bytes
+        self._written: list[tuple[str, list[str]]] = []  # (temporary shard path, its tensor names)
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}  # name -> dtype, shape, spill span
+        self._spill = None
+        self._size = 0
+        self.total = 0
+
+    def add(self, name: str, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr)
         check_finite(arr, name, fix="nothing was written; check the source checkpoint, or keep the layer in float "
                                     "(--fp_layers) if its values overflow the export dtype")
-        if sizes[-1] and sizes[-1] + arr.nbytes > max_shard_bytes:
-            flush()
-            shards[-1], sizes[-1] = {}, 0
-            names.append([])
-        shards[-1][name] = arr
-        names[-1].append(name)
-        sizes[-1] += arr.nbytes
-        total += arr.nbytes
-    flush()
-    n = len(written)
-    if n == 1:
-        os.replace(written[0], os.path.join(folder, "model.safetensors"))
-        return
-    weight_map = {}
-    for i, (path, keys) in enumerate(zip(written, names)):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        os.replace(path, os.path.join(folder, fname))
-        weight_map.update({k: fname for k in keys})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+        if self._size and self._size + arr.nbytes > self.max_shard_bytes:
+            self._flush()
+        if self._spill is None:
+            self._spill = open(os.path.join(self.folder, f"spill-{len(self._written):05d}.tmp"), "w+b")
+        start = self._spill.tell()
+        self._spill.write(memoryview(arr).cast("B"))
+        self._entries[name] = (arr.dtype, tuple(arr.shape), start, arr.nbytes)
+        self._size += arr.nbytes
+        self.total += arr.nbytes
+
+    def add_all(self, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
+        for name, arr in tensors:
+            self.add(name, arr)
+
+    def _flush(self) -> None:
+        from .safetensors_io import dtype_name
+
+        path = os.path.join(self.folder, f"shard-{len(self._written):05d}.tmp")
+        entries = self._entries
+        order = sorted(entries, key=lambda k: (-entries[k][0].itemsize, k))  # save_file's order
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for k in order:
+            dtype, shape, _, nbytes = entries[k]
+            header[k] = {"dtype": dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        spill = self._spill
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for k in order:
+                _, _, start, nbytes = entries[k]
+                spill.seek(start)
+                while nbytes:
+                    part = spill.read(min(nbytes, self._COPY))
+                    f.write(part)
+                    nbytes -= len(part)
+        if spill is not None:
+            spill.close()
+            os.remove(spill.name)
+        self._written.append((path, list(entries)))
+        self._entries, self._spill, self._size = {}, None, 0
+
+    def close(self) -> None:
+        """Write the last shard and name the files: model.safetensors, or model-i-of-n plus the index."""
+        self._flush()
+        n = len(self._written)
+        if n == 1:
+            os.replace(self._written[0][0], os.path.join(self.folder, "model.safetensors"))
+            return
+        weight_map = {}
+        for i, (path, keys) in enumerate(self._written):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(path, os.path.join(self.folder, fname))
+            weight_map.update({k: fname for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def write_sharded(tensors: Iterable[tuple[str, np.ndarray]], folder: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Stream (name, array) pairs into shards of at most max_shard_bytes; one shard is named model.safetensors."""
+    writer = ShardedWriter(folder, max_shard_bytes)
+    writer.add_all(tensors)
+    writer.close()
 
 
 def copy_tokenizer_files(src: str | None, dst: str) -> None:

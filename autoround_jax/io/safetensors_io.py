@@ -3,13 +3,12 @@
 We parse the format ourselves (8-byte header length, JSON header, raw data) so that:
 - bf16 tensors load without torch (safetensors' numpy backend has no bf16);
 - a truncated or corrupt file gives a one-line error naming the file, instead of a deep traceback;
-- tensors are read lazily through mmap, one at a time, so a block's weights can be read without the whole model.
+- tensors are read lazily (pread), one at a time, so a block's weights can be read without the whole model.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from typing import Mapping
@@ -42,7 +41,7 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """One .safetensors file, memory-mapped; tensors are materialised on request."""
+    """One .safetensors file: the header parsed and checked at open; tensors are read on request."""
 
     def __init__(self, path: str):
         self.path = path
@@ -78,7 +77,6 @@ class SafetensorsFile:
                     f"{path}: truncated file: tensor {name} ends at byte {end} but only {data_len} data bytes exist; "
                     "re-download or re-export the checkpoint"
                 )
-        self._mmap: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -90,14 +88,24 @@ class SafetensorsFile:
         return DTYPES[self._entries[name]["dtype"]]
 
     def get(self, name: str) -> np.ndarray:
-        """Return a read-only numpy view (copy it before mutating)."""
-        if self._mmap is None:
-            with open(self.path, "rb") as f:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        """Return the tensor as a fresh read-only array.
+
+        Read with pread into private memory, not viewed through an mmap: mapped file pages stay in the process's
+        resident set after use, so walking a model block by block through an mmap grows the RSS to the whole
+        checkpoint; a private buffer is freed with the array (the page cache is the kernel's, not ours)."""
         e = self._entries[name]
         begin, end = e["data_offsets"]
-        buf = memoryview(self._mmap)[self._data_start + begin : self._data_start + end]
-        return np.frombuffer(buf, dtype=DTYPES[e["dtype"]]).reshape(e["shape"])
+        out = np.empty(end - begin, np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            view, pos = memoryview(out), 0
+            while pos < len(out):
+                got = os.preadv(f.fileno(), [view[pos:]], self._data_start + begin + pos)
+                if got <= 0:
+                    raise CheckpointError(f"{self.path}: truncated while reading {name}")
+                pos += got
+        arr = out.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+        arr.flags.writeable = False
+        return arr
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str] | None = None) -> None:

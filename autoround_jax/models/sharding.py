@@ -17,6 +17,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 PARTITION_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight\.w$", ("fsdp", None)),
     (r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.bias$", ("fsdp",)),
+    # A fake-quant weight's V [out x groups, group] and per-group clip scales and init [out x groups]: by output rows.
+    (r"\.weight\.(v|min_scale|max_scale|wmin0|wmax0)$", ("fsdp", None)),
+    (r"\.weight\.(v|min_scale|max_scale|wmin0|wmax0)$", ("fsdp",)),
     (r"^lm_head\.weight\.w$", ("fsdp", None)),
     (r"^embed_tokens$", ("fsdp", None)),
 )

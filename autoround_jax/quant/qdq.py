@@ -278,3 +278,17 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     """(codes - zeros) * scales per group, [N, K] in float32 (the value a packed checkpoint decodes to), then cast to
     dtype (float16: what the reference's QuantLinear computes)."""
     return dequantize_codes(qw.codes, qw.scales, qw.zeros, qw.group_size, axis=1).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "scale_dtype"))
+def rtn_quantize(w: jax.Array, *, bits: int, group_size: int, sym: bool, scale_dtype=jnp.float16) -> QuantizedWeight:
+    """Plain RTN of W[N, K] (V = 0, clip scales 1): the codes iteration 0 of tuning starts from, in one compiled
+    function, so that the zero V and unit scales are never materialised (RTN of a large model stays near the size of
+    one weight in memory)."""
+    n, k = w.shape
+    rows = n * num_groups(k, group_size)
+    wmin0, wmax0 = minmax_init(w, group_size)
+    v = jnp.zeros((rows, group_len(k, group_size)), jnp.float32)
+    ones = jnp.ones((rows,), jnp.float32)
+    return quantize_to_codes(w, v, ones, ones, bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype,
+                             wmin0=wmin0, wmax0=wmax0)

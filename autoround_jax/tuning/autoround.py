@@ -10,10 +10,8 @@ each linear's imatrix, then an imatrix-weighted scale search (quant/opt_rtn.py) 
 
 from __future__ import annotations
 
-import functools
 import os
 import random
-import resource
 import time
 import warnings
 from typing import Any
@@ -31,15 +29,18 @@ from ..models.loading import ModelSource, parse_dtype
 from ..models.precision import compute_dtype
 from ..models.quantized import PHASES, BlockReport, QuantizedModel
 from ..models.params_table import module_at
+from ..models.sharding import leaf_shardings
 from ..quant.opt_rtn import opt_rtn
-from ..quant.qdq import QuantizedWeight, dequantize
+from ..quant.qdq import QuantizedWeight, dequantize, rtn_quantize
 from .checks import check_block, validate_before_tuning
 from ..quant.scheme import SCHEMES, LayerScheme
 from .fake_quant import FakeQuantWeight
 from .imatrix import collect_block_imatrix
 from .layer_selection import resolve_layers
-from .signround import TuneSettings, padded_chunks, tune_block
-from .timing import BlockTimer
+from .forward import apply_block, apply_block_host, apply_block_sharded, to_host
+from .mesh import axis_size, check_batch, describe, make_mesh, per_device_memory, put_rows, replicated
+from .signround import TuneSettings, tune_block
+from .timing import BlockTimer, peak_host_gb
 
 PRESETS = {
     "default": dict(iters=200, nsamples=128, seqlen=2048, batch_size=8),
@@ -74,16 +75,7 @@ def default_lr(iters: int, bits: int) -> float:
     return (2.0 if iters >= 1000 and bits <= 3 else 1.0) / iters
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _apply(graphdef, state, x, cos, sin, mask):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask)[0]
-
-
-def apply_block(block: nnx.Module, x: jax.Array, cos, sin, mask, batch_size: int) -> jax.Array:
-    """block(x) over [n, T, D] in chunks of batch_size rows (the last chunk padded to keep one compiled shape)."""
-    graphdef, state = nnx.split(block)
-    return jnp.concatenate([_apply(graphdef, state, chunk, cos, sin, mask)[:valid]
-                            for chunk, valid in padded_chunks(x, batch_size)])
+HOST_CHUNK_ITERS = 8  # low_gpu_mem_usage: iterations whose mini-batches are on the devices at once
 
 
 class AutoRound:
@@ -122,6 +114,10 @@ class AutoRound:
         disable_opt_rtn: bool | None = None,
         enable_opt_rtn: bool | None = None,
         progress: bool = True,
+        mesh=None,
+        device_map=None,
+        low_gpu_mem_usage: bool = False,
+        low_cpu_mem_usage: bool = True,
         **unsupported: Any,
     ):
         if unsupported:
@@ -145,6 +141,16 @@ class AutoRound:
         self.not_use_best_mse = not_use_best_mse
         self.scale_dtype = parse_dtype(scale_dtype)
         self.progress = progress
+        # Devices: `mesh` ("data=4,fsdp=2", a dict or a jax Mesh) over the devices `device_map` selects (the
+        # reference's "0,1,2,3"); default every device on `data`; one device means no mesh (the plain path).
+        self.mesh = make_mesh(mesh, device_map, self.batch_size) if iters > 0 else None
+        check_batch(self.mesh, self.batch_size)
+        self.low_gpu_mem_usage = bool(low_gpu_mem_usage)
+        # quantize_and_save streams each finished block into the export and drops its codes (the reference's
+        # low_cpu_mem_usage); quantize() then save_quantized() keeps every code in memory until the end.
+        self.low_cpu_mem_usage = bool(low_cpu_mem_usage)
+        self._stream = None  # the StreamingExport of a quantize_and_save run
+        self._streamed_to: str | None = None
         # amp as the reference: bf16 matmul operands (f32 accumulation) on accelerators and on CPUs with bf16 units,
         # fp32 elsewhere. V, the clip scales, the qdq and the loss stay fp32 either way (models/precision.py).
         self.amp = bool(amp)
@@ -197,20 +203,27 @@ class AutoRound:
 
     def _load_block(self, i: int) -> DecoderBlock:
         """Block i for quantizing: in fp32 when computing in fp32; under amp in the model dtype (matmuls cast their
-        operands to bf16; the quantized linears' weights go to fp32 for the qdq)."""
-        return self.source.block(i, jnp.float32 if self.compute_dtype == jnp.float32 else self.model_dtype)
+        operands to bf16; the quantized linears' weights go to fp32 for the qdq). On a mesh its weights are sharded
+        along output features over `fsdp` (replicated without that axis)."""
+        dtype = jnp.float32 if self.compute_dtype == jnp.float32 else self.model_dtype
+        if self.mesh is None:
+            return self.source.block(i, dtype)
+        return self.source.block(i, dtype, mesh=self.mesh)
 
     def _to_fake_quant(self, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
         for name, scheme in schemes.items():
             lin = module_at(block, name)
             w = lin.weight.w[...].astype(jnp.float32)
             lin.weight = FakeQuantWeight(w, scheme, self.scale_dtype, self.enable_minmax_tuning)
+        if self.mesh is not None:  # V, clip scales and their init follow the weights' fsdp sharding
+            state = nnx.state(block)
+            nnx.update(block, jax.jit(lambda s: s, out_shardings=leaf_shardings(state, self.mesh, "layers.0."))(state))
 
     def _finalize(self, i: int, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
         """Record integer codes and turn the fake-quant leaves back into float (qdq) weights."""
         for name in schemes:
             lin = module_at(block, name)
-            self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(np.asarray, lin.weight.quantized())
+            self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(to_host, lin.weight.quantized())
             lin.weight = FloatWeight(lin.weight.dequantize().astype(self.compute_dtype))
 
     @property
@@ -229,6 +242,10 @@ class AutoRound:
 
     def quantize(self) -> tuple[CausalLM, dict[str, LayerScheme | None]]:
         """Tune every selected block; returns (fake-quant model, layer_config) like the reference."""
+        self._quantize()
+        return self.model(), self.layer_config
+
+    def _quantize(self) -> None:
         validate_before_tuning(self)  # non-finite embedding/norm/head, vocab mismatch, dataset spec: before any block
         t_start = time.time()
         try:
@@ -239,13 +256,15 @@ class AutoRound:
             # of it: start over in fp32, which every CPU runs.
             if self.compute_dtype == jnp.float32 or "Unsupported element type" not in str(e):
                 raise
+            if self._stream not in (None, _DROP) and self._stream.blocks_written:
+                raise ValueError(f"XLA:CPU cannot run this model's bf16 matmuls ({str(e).splitlines()[0]}) after "
+                                 "some blocks were written: run again with --disable_amp (amp=False)") from None
             warnings.warn(f"XLA:CPU cannot run this model's bf16 matmuls ({str(e).splitlines()[0]}); quantizing in "
                           "fp32 instead (as with amp=False)")
             self.compute_dtype = jnp.float32
             self.quantized.clear(), self.imatrix.clear(), self.reports.clear()
             self._run_pipeline()
         self.seconds = time.time() - t_start
-        return self.model(), self.layer_config
 
     def _run_pipeline(self) -> None:
         if self.iters == 0 and self._needs_imatrix():
@@ -266,9 +285,11 @@ class AutoRound:
             w = module_at(block, name).weight.dequantize().astype(jnp.float32)
             qw = opt_rtn(w, imatrix.get(name), scheme.bits, scheme.group_size, self.scale_dtype)
             self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(np.asarray, qw)
-        if plain:
-            self._to_fake_quant(block, plain)
-            self._finalize(i, block, plain)
+        for name, scheme in plain.items():  # the block's weights are not used again: codes only
+            w = module_at(block, name).weight.w[...].astype(jnp.float32)
+            qw = rtn_quantize(w, bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym,
+                              scale_dtype=self.scale_dtype)
+            self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(to_host, qw)
 
     def _quantize_rtn(self) -> None:
         """iters=0 without an imatrix: plain RTN needs no calibration data (the reference's model-free route)."""
@@ -280,6 +301,7 @@ class AutoRound:
                 self._rtn_block(i, block, schemes, {})
             self.reports.append(BlockReport(i, None, None, None, time.time() - t0))
             check_block(self, i)  # finite loss, scales and codes before anything is written
+            self._block_done(i)
 
     def _quantize_opt_rtn(self) -> None:
         """iters=0 with opt-RTN (the reference's OptimizedRTNQuantizer): per block, run the float block on its float
@@ -306,6 +328,7 @@ class AutoRound:
                 jax.block_until_ready(x)
             self.reports.append(BlockReport(i, None, None, None, time.time() - t0))
             check_block(self, i)  # finite loss, scales and codes before anything is written
+            self._block_done(i)
 
     def _block_inputs(self):
         """(first block's inputs [nsamples, T, D] from the calibration ids, cos, sin, mask for batch_size rows)."""
@@ -314,8 +337,50 @@ class AutoRound:
         x = jnp.take(self.source.tensor("model.embed_tokens.weight").astype(self.compute_dtype), ids, axis=0)
         return x, cos, sin, mask
 
+    def _tuning_inputs(self):
+        """The first block's inputs where the run keeps its activations: on the device (plain), sharded over the
+        mesh's `data` axis and zero-padded to whole batches (mesh; each process embeds only its own rows), or as
+        numpy in host memory (low_gpu_mem_usage). Plus cos, sin, mask for batch_size rows (replicated on a mesh)."""
+        ids = np.asarray(self.calibration())
+        n, t = ids.shape
+        cos, sin, mask = attention_inputs(Rotary(self.config), None, self.batch_size, self.seqlen, self.compute_dtype)
+        dtype = jnp.dtype(self.compute_dtype)
+        if self.mesh is not None:
+            cos, sin, mask = jax.device_put((cos, sin, mask), replicated(self.mesh))
+        if self.low_gpu_mem_usage or self.mesh is not None:
+            embed = np.asarray(self.source.tensor("model.embed_tokens.weight").astype(dtype))
+            if self.low_gpu_mem_usage:
+                return embed[ids], n, cos, sin, mask
+            rows = -(-n // self.batch_size) * self.batch_size  # every data shard holds whole local batches
+            x = put_rows(lambda a, b: embed[ids[a:b]], n, (t, embed.shape[1]), dtype, self.mesh, rows)
+            return x, n, cos, sin, mask
+        x = jnp.take(self.source.tensor("model.embed_tokens.weight").astype(dtype), jnp.asarray(ids), axis=0)
+        return x, n, cos, sin, mask
+
+    def _forward(self, block: DecoderBlock, x, cos, sin, mask):
+        """block(x) over all cached rows, wherever they live (see _tuning_inputs)."""
+        if isinstance(x, np.ndarray):
+            return apply_block_host(block, x, cos, sin, mask, self.batch_size, self.mesh)
+        if self.mesh is not None:
+            return apply_block_sharded(block, x, cos, sin, mask, self.batch_size, self.mesh)
+        return apply_block(block, x, cos, sin, mask, self.batch_size)
+
+    def _hint_memory(self, n: int) -> None:
+        """One line when the cached activations (x_fp, x_q, y_fp) would not fit the devices' free memory."""
+        if self.low_gpu_mem_usage:
+            return
+        need = 3 * n * self.seqlen * self.config.hidden_size * jnp.dtype(self.compute_dtype).itemsize
+        stats = [jax.devices()[0].memory_stats() or {}] if jax.devices()[0].platform != "cpu" else []
+        free = [s.get("bytes_limit", 0) - s.get("bytes_in_use", 0) for s in stats if s.get("bytes_limit")]
+        shards = axis_size(self.mesh, "data")
+        if free and need / shards > 0.8 * free[0]:
+            print(f"autoround-jax: the cached activations take about {need / shards / 1e9:.1f} GB per device, more "
+                  f"than the {free[0] / 1e9:.1f} GB free: pass --low_gpu_mem_usage (low_gpu_mem_usage=True) to keep "
+                  "them in host memory, or lower --nsamples / --seqlen, or add devices to the data axis")
+
     def _quantize_tuned(self) -> None:
-        x_fp, cos, sin, mask = self._block_inputs()
+        x_fp, n, cos, sin, mask = self._tuning_inputs()
+        self._hint_memory(n)
         rng = random.Random(self.seed)
         bs = self.batch_size
         x_q = x_fp
@@ -326,28 +391,37 @@ class AutoRound:
             timer = BlockTimer()
             block = self._load_block(i)
             timer.lap("io", nnx.state(block))
-            y_fp = apply_block(block, x_fp, cos, sin, mask, bs)
+            y_fp = self._forward(block, x_fp, cos, sin, mask)
             timer.lap("forward", y_fp)
             schemes = self._block_schemes(i)
             report = BlockReport(i, None, None, None, 0.0)
             if schemes:
                 self._to_fake_quant(block, schemes)
-                r = tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng)
+                r = tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng, mesh=self.mesh, nsamples=n,
+                               host_chunk=HOST_CHUNK_ITERS)
                 timer.lap("step")
                 report.loss_rtn, report.loss_best, report.best_iter = r.loss_rtn, r.loss_best, r.best_iter
                 self._finalize(i, block, schemes)
                 timer.lap("finalize")
                 if hasattr(bar, "set_postfix_str"):
-                    bar.set_postfix_str(f"loss iter 0: {r.loss_rtn:.6g} -> best iter {r.best_iter}: {r.loss_best:.6g}")
-            x_q = apply_block(block, x_q, cos, sin, mask, bs) if self.enable_quanted_input else y_fp
+                    bar.set_postfix_str(f"loss iter 0: {r.loss_rtn:.6g} -> best iter {r.best_iter}: {r.loss_best:.6g}"
+                                        + self._memory_postfix())
+            x_q = self._forward(block, x_q, cos, sin, mask) if self.enable_quanted_input else y_fp
             x_fp = y_fp
             timer.lap("forward", x_q)
             report.seconds, report.split = timer.total, dict(timer.seconds)
             self.reports.append(report)
             check_block(self, i)  # finite loss, scales and codes before anything is written
+            self._block_done(i)
+
+    def _memory_postfix(self) -> str:
+        mem = per_device_memory()
+        return f"; device GB in use {'/'.join(f'{m[1]:.1f}' for m in mem)}" if mem else ""
 
     def _progress(self, it):
-        return tqdm(it, desc="blocks", unit="block", disable=not self.progress, dynamic_ncols=True)
+        desc = "blocks" if self.mesh is None else f"blocks on {describe(self.mesh)}"
+        quiet = not self.progress or jax.process_index() != 0
+        return tqdm(it, desc=desc, unit="block", disable=quiet, dynamic_ncols=True)
 
     # -- results -------------------------------------------------------------------------------------------------
     def quantized_block(self, i: int, dtype=None) -> DecoderBlock:
@@ -363,14 +437,65 @@ class AutoRound:
 
     def model(self, dtype=None) -> CausalLM:
         """The fake-quant model (float weights holding the quantized values), for evaluation in JAX."""
+        if self._streamed_to is not None:
+            raise ValueError(f"the codes of this run were streamed to {self._streamed_to}: load that folder with "
+                             "load_quantized")
         return self.source.model([self.quantized_block(i, dtype) for i in range(self.config.num_layers)], dtype)
 
+    def _block_done(self, i: int) -> None:
+        """After block i: a streaming export writes its tensors and the codes leave host memory."""
+        if self._stream is None:
+            return
+        if self._stream is not _DROP:
+            self._stream.block(self._result(with_summary=False), i)
+        for name in [n for n in self.quantized if n.startswith(f"model.layers.{i}.")]:
+            del self.quantized[name]
+
+    def quantize_and_save(self, output_dir: str = "tmp_autoround", format: str = "auto_round",
+                          overwrite: bool = False) -> str:
+        """quantize() and save_quantized() in one go. With low_cpu_mem_usage (the default) and one packed format,
+        each block is written as soon as it is done (formats/streaming.py), so host memory holds one block's codes
+        at a time; the files equal those of quantize() followed by save_quantized(). Returns the output folder."""
+        from ..formats.auto_round import FORMATS
+        from ..formats.streaming import StreamingExport
+
+        if not (self.low_cpu_mem_usage and format in FORMATS):
+            self.quantize()
+            return self.save_quantized(output_dir, format, overwrite)
+        if self.source.path is None:
+            raise ValueError("saving needs a model loaded from a folder (pass a path or hub id to AutoRound)")
+        if jax.process_index() != 0:  # one process writes; the others only drop their copies of the codes
+            self._stream = _DROP
+            try:
+                self._quantize()
+            finally:
+                self._stream = None
+            _sync("export")
+            self._streamed_to = os.path.abspath(output_dir)
+            return self._streamed_to
+        with StreamingExport(output_dir, format, overwrite) as export:
+            export.start(self._result(with_summary=False, allow_empty=True))
+            self._stream = export
+            try:
+                self._quantize()
+            finally:
+                self._stream = None
+            self._streamed_to = export.finish(self._result())
+        _sync("export")
+        return self._streamed_to
+
     def result(self) -> QuantizedModel:
+        return self._result()
+
+    def _result(self, with_summary: bool = True, allow_empty: bool = False) -> QuantizedModel:
         """The run as plain data (integer codes, layer schemes, per-block reports, settings): what exporters take."""
         if self.source.path is None:
             raise ValueError("saving needs a model loaded from a folder (pass a path or hub id to AutoRound)")
-        if not self.reports:
+        if not self.reports and not allow_empty:
             raise ValueError("nothing to save: call quantize() first")
+        if self._streamed_to is not None:
+            raise ValueError(f"the codes of this run were streamed to {self._streamed_to} and are no longer in memory: "
+                             "load that folder with load_quantized (or run quantize() then save_quantized())")
         amp = jnp.dtype(self.compute_dtype) == jnp.bfloat16
         settings = {"amp": amp, "iters": self.iters}
         if self.iters:
@@ -380,7 +505,7 @@ class AutoRound:
                             minmax_lr=self.minmax_lr)
         return QuantizedModel(self.config, dict(self.source.hf_config), self.source.reader, np.dtype(self.model_dtype),
                               self.default_scheme, dict(self.layer_config), self.quantized, settings, self.source.path,
-                              reports=list(self.reports), summary=self.summary(),
+                              reports=list(self.reports), summary=self.summary() if with_summary else "",
                               compute_dtype=jnp.dtype(self.compute_dtype).name)
 
     def save_quantized(self, output_dir: str = "tmp_autoround", format: str = "fake", overwrite: bool = False) -> str:
@@ -398,11 +523,14 @@ class AutoRound:
             raise ValueError(f"unknown format {', '.join(unknown) or format!r}: use one of {', '.join(formats)} "
                              "or a comma list of them")
         qm = self.result()
-        if len(names) == 1:
-            return formats[names[0]](qm, output_dir, overwrite)
-        with atomic_folder(output_dir, overwrite) as tmp:
-            for f in names:
-                formats[f](qm, os.path.join(tmp, "fake" if f == "fake" else folder_name(qm, f)), False)
+        if jax.process_index() == 0:  # under jax.distributed one process writes; every process has the codes
+            if len(names) == 1:
+                formats[names[0]](qm, output_dir, overwrite)
+            else:
+                with atomic_folder(output_dir, overwrite) as tmp:
+                    for f in names:
+                        formats[f](qm, os.path.join(tmp, "fake" if f == "fake" else folder_name(qm, f)), False)
+        _sync("export")
         return os.path.abspath(output_dir)
 
     def _rtn_label(self) -> str:
@@ -414,7 +542,7 @@ class AutoRound:
     def summary(self) -> str:
         n_q = sum(s is not None for s in self.layer_config.values())
         n_f = len(self.layer_config) - n_q
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        peak_gb = peak_host_gb()
         tuned = [r for r in self.reports if r.loss_best is not None]
         lines = [
             f"quantized {n_q} linear layers, kept {n_f} block linears and lm_head in float "
@@ -424,6 +552,9 @@ class AutoRound:
             f"time {self.seconds:.1f} s ({self.seconds / max(len(self.reports), 1):.2f} s per block), "
             f"peak host memory {peak_gb:.2f} GB",
         ]
+        lines.append(f"devices: {describe(self.mesh)}"
+                     + (", activations in host memory (low_gpu_mem_usage)" if self.low_gpu_mem_usage else "")
+                     + "".join(f"; {d} peak {peak:.2f} GB" for d, _, peak in per_device_memory()))
         splits = [r.split for r in self.reports if r.split]
         if splits:
             lines.append("time split: " + ", ".join(f"{p} {sum(sp[p] for sp in splits):.1f} s" for p in PHASES)
@@ -432,6 +563,17 @@ class AutoRound:
             lines.append(f"mean block loss: RTN {np.mean([r.loss_rtn for r in tuned]):.6g} -> tuned "
                          f"{np.mean([r.loss_best for r in tuned]):.6g}")
         return "\n".join(lines)
+
+
+_DROP = object()  # the stream of a process that does not write: codes are dropped after each block
+
+
+def _sync(name: str) -> None:
+    """Every process waits here (the writer finishing the export) under jax.distributed; a no-op alone."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 class _InMemorySource:
@@ -443,11 +585,14 @@ class _InMemorySource:
         self.dtype = model.dtype
         self.path = None
 
-    def block(self, i: int, dtype=None) -> DecoderBlock:
+    def block(self, i: int, dtype=None, mesh=None) -> DecoderBlock:
         graphdef, state = nnx.split(self._model.layers[i])
         if dtype is not None:
             state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
-        return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+        state = jax.tree.map(jnp.array, state)
+        if mesh is not None:
+            state = jax.device_put(state, leaf_shardings(state, mesh, f"layers.{i}."))
+        return nnx.merge(graphdef, state)
 
     def tensor(self, name: str):
         assert name == "model.embed_tokens.weight", name

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .fake_quant import ClipScale, Rounding
+from .mesh import take_rows
 
 TRACE_COUNT = {"tune": 0}  # incremented at trace time only: tests use it to prove one compile per block shape
 
@@ -77,16 +79,13 @@ def _clip_scales(params):
     return jax.tree.map(lambda p: jnp.clip(p, 0.0, 1.0), params)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "iters", "batch_size", "gas", "not_use_best_mse"))
-def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, lr, minmax_lr, *,
-          iters, batch_size, gas, not_use_best_mse):
-    TRACE_COUNT["tune"] += 1
+def _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, *, iters, batch_size, gas, not_use_best_mse):
+    """One SignRound iteration as a fori_loop body; fetch(i, j) -> (x_q, y_fp) rows of iteration i's micro-batch j."""
     tx_v, tx_s = _sign_sgd(lr, iters), _sign_sgd(minmax_lr, iters)
 
-    # The reference (0.16) leaves each sample's last position out of the loss: it has no next-token target.
-    keep = (jnp.arange(x_q.shape[1]) < x_q.shape[1] - 1).astype(jnp.float32)[None, :, None]
-
     def loss_fn(params, xb, yb):
+        # The reference (0.16) leaves each sample's last position out of the loss: it has no next-token target.
+        keep = (jnp.arange(xb.shape[1]) < xb.shape[1] - 1).astype(jnp.float32)[None, :, None]
         block = nnx.merge(graphdef, params[0], params[1], rest)
         out = block(xb, cos, sin, mask)[0]
         return jnp.mean(jnp.square((out.astype(jnp.float32) - yb.astype(jnp.float32)) * keep))
@@ -95,17 +94,15 @@ def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, 
 
     def body(i, carry):
         params, opt_state, best, best_loss, best_iter, loss0 = carry
-        idx = indices[i].reshape(gas, batch_size)
-
         if gas == 1:  # no accumulator: saves a zero-fill and an add over every trainable element per iteration
-            loss, grads = grad_fn(params, x_q[idx[0]], y_fp[idx[0]])
+            loss, grads = grad_fn(params, *fetch(i, 0))
         else:
             def micro(acc, j):
-                loss, g = grad_fn(params, x_q[j], y_fp[j])
+                loss, g = grad_fn(params, *fetch(i, j))
                 return jax.tree.map(jnp.add, acc, (loss, g)), None
 
             zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            (loss, grads), _ = jax.lax.scan(micro, zero, idx)
+            (loss, grads), _ = jax.lax.scan(micro, zero, jnp.arange(gas))
             loss = loss / gas
         take = (i == iters - 1) if not_use_best_mse else (loss < best_loss)
         # Copy the parameters only on the iterations that improve (a select would rewrite every element each time).
@@ -117,26 +114,109 @@ def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, 
         new_params = (optax.apply_updates(params[0], uv[0]), _clip_scales(optax.apply_updates(params[1], sv[0])))
         return new_params, (uv[1], sv[1]), best, best_loss, best_iter, loss0
 
-    params = (rounding, scales)
-    opt_state = (tx_v.init(rounding), tx_s.init(scales))
-    init = (params, opt_state, params, jnp.float32(jnp.inf), jnp.int32(0), jnp.float32(0))
-    _, _, best, best_loss, best_iter, loss0 = jax.lax.fori_loop(0, iters, body, init)
+    def init(rounding, scales):
+        params = (rounding, scales)
+        opt_state = (tx_v.init(rounding), tx_s.init(scales))
+        return (params, opt_state, params, jnp.float32(jnp.inf), jnp.int32(0), jnp.float32(0))
+
+    return body, init
+
+
+_STATIC = ("graphdef", "iters", "batch_size", "gas", "not_use_best_mse", "mesh")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, lr, minmax_lr, *,
+          iters, batch_size, gas, not_use_best_mse, mesh=None):
+    """Every iteration in one fori_loop; mini-batches gathered on device (over the data shards on a mesh)."""
+    TRACE_COUNT["tune"] += 1
+
+    def fetch(i, j):
+        idx = jax.lax.dynamic_index_in_dim(indices[i].reshape(gas, batch_size), j, keepdims=False)
+        return take_rows(x_q, idx, mesh), take_rows(y_fp, idx, mesh)
+
+    body, init = _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, iters=iters,
+                            batch_size=batch_size, gas=gas, not_use_best_mse=not_use_best_mse)
+    _, _, best, best_loss, best_iter, loss0 = jax.lax.fori_loop(0, iters, body, init(rounding, scales))
     return best, loss0, best_loss, best_iter
 
 
-def tune_block(block: nnx.Module, x_q, y_fp, cos, sin, mask, settings: TuneSettings, rng: random.Random) -> TuneResult:
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _tune_chunk(graphdef, carry, rest, xb, yb, start, cos, sin, mask, lr, minmax_lr, *,
+                iters, batch_size, gas, not_use_best_mse, mesh=None):
+    """Iterations start .. start+k-1 on mini-batches brought from host memory: xb, yb [k, gas, batch_size, T, D]."""
+    TRACE_COUNT["tune"] += 1
+
+    def fetch(i, j):
+        def pick(a):
+            return jax.lax.dynamic_index_in_dim(jax.lax.dynamic_index_in_dim(a, i - start, keepdims=False), j,
+                                                keepdims=False)
+        return pick(xb), pick(yb)
+
+    body, _ = _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, iters=iters,
+                         batch_size=batch_size, gas=gas, not_use_best_mse=not_use_best_mse)
+    return jax.lax.fori_loop(start, start + xb.shape[0], body, carry)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _tune_init(graphdef, rounding, scales, rest, cos, sin, mask, lr, minmax_lr, *,
+               iters, batch_size, gas, not_use_best_mse, mesh=None):
+    _, init = _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, None, iters=iters,
+                         batch_size=batch_size, gas=gas, not_use_best_mse=not_use_best_mse)
+    return init(rounding, scales)
+
+
+def tune_block(block: nnx.Module, x_q, y_fp, cos, sin, mask, settings: TuneSettings, rng: random.Random,
+               mesh=None, nsamples: int | None = None, host_chunk: int = 0) -> TuneResult:
     """Optimise the fake-quant leaves of `block` in place (V and clip scales end at the best iteration's values).
 
-    x_q, y_fp: [nsamples, T, D] tuned inputs and float targets; cos/sin/mask: built for batch_size rows.
+    x_q, y_fp: [nsamples, T, D] tuned inputs and float targets (device arrays, sharded over `data` on a mesh, maybe
+    zero-padded beyond `nsamples` rows), or numpy arrays in host memory (low_gpu_mem_usage): then each chunk of
+    host_chunk iterations' mini-batches is gathered on the host and moved to the devices while the previous chunk
+    runs. cos/sin/mask: built for batch_size rows. The sampled indices depend only on the seed and nsamples, never
+    on the mesh, so a sharded run reproduces a one-device run up to float summation order.
     """
     graphdef, rounding, scales, rest = nnx.split(block, Rounding, ClipScale, ...)
     s = settings
     global_batch = s.batch_size * s.gradient_accumulate_steps
-    idx = sample_indices(x_q.shape[0], global_batch, s.iters, rng)
-    best, loss0, best_loss, best_iter = _tune(
-        graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, jnp.asarray(idx),
-        jnp.float32(s.lr), jnp.float32(s.minmax_lr), iters=s.iters, batch_size=s.batch_size,
-        gas=s.gradient_accumulate_steps, not_use_best_mse=s.not_use_best_mse,
-    )
+    idx = sample_indices(nsamples or x_q.shape[0], global_batch, s.iters, rng)
+    static = dict(iters=s.iters, batch_size=s.batch_size, gas=s.gradient_accumulate_steps,
+                  not_use_best_mse=s.not_use_best_mse, mesh=mesh)
+    lr, minmax_lr = jnp.float32(s.lr), jnp.float32(s.minmax_lr)
+    if isinstance(x_q, np.ndarray):
+        best, loss0, best_loss, best_iter = _tune_from_host(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin,
+                                                            mask, idx, lr, minmax_lr, max(host_chunk, 1), static)
+    else:
+        indices = jnp.asarray(idx)
+        if mesh is not None:
+            indices = jax.device_put(indices, NamedSharding(mesh, PartitionSpec()))
+        best, loss0, best_loss, best_iter = _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask,
+                                                  indices, lr, minmax_lr, **static)
     nnx.update(block, best[0], best[1])
     return TuneResult(float(loss0), float(best_loss), int(best_iter))
+
+
+def _tune_from_host(graphdef, rounding, scales, rest, x_q: np.ndarray, y_fp: np.ndarray, cos, sin, mask,
+                    idx: np.ndarray, lr, minmax_lr, chunk: int, static: dict):
+    """The low_gpu_mem_usage loop: only `chunk` iterations' mini-batches are on the devices at a time."""
+    mesh = static["mesh"]
+    gas, bs = static["gas"], static["batch_size"]
+    sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(None, None, "data"))
+
+    def batches(start):
+        rows = idx[start:start + chunk]
+        shape = (rows.shape[0], gas, bs)
+        xb = x_q[rows.reshape(-1)].reshape(shape + x_q.shape[1:])
+        yb = y_fp[rows.reshape(-1)].reshape(shape + y_fp.shape[1:])
+        return (jax.device_put(xb, sharding), jax.device_put(yb, sharding)) if sharding else (xb, yb)
+
+    carry = _tune_init(graphdef, rounding, scales, rest, cos, sin, mask, lr, minmax_lr, **static)
+    pending = batches(0)
+    for start in range(0, len(idx), chunk):
+        xb, yb = pending
+        carry = _tune_chunk(graphdef, carry, rest, xb, yb, jnp.int32(start), cos, sin, mask, lr, minmax_lr,
+                            **static)
+        if start + chunk < len(idx):
+            pending = batches(start + chunk)  # on the host while the devices run the chunk just dispatched
+    _, _, best, best_loss, best_iter, loss0 = carry
+    return best, loss0, best_loss, best_iter

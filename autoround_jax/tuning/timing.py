@@ -46,3 +46,20 @@ class BlockTimer:
     @property
     def total(self) -> float:
         return sum(self.seconds.values())
+
+
+def peak_host_gb() -> float:
+    """This process's peak resident memory in GB: /proc's VmHWM where it exists (getrusage's ru_maxrss also counts
+    a forking parent's memory on Linux), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9
