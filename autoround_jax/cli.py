@@ -232,6 +232,9 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--device", "--device_map", dest="device", default=None,
                    help="devices to tune on, as indices (0,1,2,3) or auto (default: all)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host TPU slices, SLURM/Open MPI GPU nodes): "
+                        "run the same command in every process; the mesh spans all of them, process 0 writes")
     p.add_argument("--mesh", default=None, help="device mesh axes, e.g. data=4,fsdp=2 (default: every device on data)")
     p.add_argument("--low_gpu_mem_usage", action="store_true",
                    help="keep the cached activations in host memory; only each step's mini-batches go to the devices")
@@ -251,6 +254,11 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from .tuning.autoround import PRESETS, AutoRound
+
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()  # coordinator, process count and id from the cluster's environment
 
     preset = PRESETS[args.preset]
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset.get(name)  # noqa: E731
