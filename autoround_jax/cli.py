@@ -230,6 +230,9 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
                    help="fake (float folder with quantized values), auto_round, auto_gptq, auto_awq, or a comma list")
     p.add_argument("--output_dir", default="./tmp_autoround")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--resume_dir", default=None, help="checkpoint after each block here and resume from it "
+                   "(default: $AR_RESUME_DIR, else .<output name>.autoround-resume beside the output folder)")
+    p.add_argument("--no_resume", action="store_true", help="start over, ignoring (and replacing) a checkpoint")
     p.add_argument("--device", "--device_map", dest="device", default=None, help="accepted for compatibility; JAX picks")
     p.add_argument("--eval", action="store_true", help="after quantizing, evaluate float and quantized with lm-eval")
     p.add_argument("--disable_eval", action="store_true", help="skip --eval (the reference's flag)")
@@ -278,6 +281,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from .io.hf_folder import check_output_path
 
     check_output_path(out, args.overwrite)  # a file in the way or a non-empty folder fails before hours of tuning
+    from .tuning.resume import RESUME_ENV, default_resume_dir
+
+    ar.set_resume_dir(args.resume_dir or os.environ.get(RESUME_ENV) or default_resume_dir(out), not args.no_resume)
     if args.eval and not args.disable_eval:
         from .eval_cli import resolve_tasks
 

@@ -11,6 +11,7 @@ each linear's imatrix, then an imatrix-weighted scale search (quant/opt_rtn.py) 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import random
 import resource
@@ -40,6 +41,7 @@ from .imatrix import collect_block_imatrix
 from .layer_selection import resolve_layers
 from .signround import TuneSettings, padded_chunks, tune_block
 from .timing import BlockTimer
+from .resume import RESUME_ENV, Resumer, run_settings
 
 PRESETS = {
     "default": dict(iters=200, nsamples=128, seqlen=2048, batch_size=8),
@@ -122,6 +124,8 @@ class AutoRound:
         disable_opt_rtn: bool | None = None,
         enable_opt_rtn: bool | None = None,
         progress: bool = True,
+        resume_dir: str | None = None,
+        resume: bool = True,
         **unsupported: Any,
     ):
         if unsupported:
@@ -170,6 +174,9 @@ class AutoRound:
         self.imatrix: dict[str, np.ndarray] = {}  # opt-RTN: the collected imatrix of each layer, [in_features]
         self.reports: list[BlockReport] = []
         self.seconds = 0.0
+        # resume after a crash (tuning/resume.py): resume_dir, else $AR_RESUME_DIR; off for a model in memory
+        resume_dir = resume_dir or os.environ.get(RESUME_ENV) or None
+        self._resume = Resumer(resume_dir if self.model_path is not None else None, resume)
 
     @staticmethod
     def _has_tokenizer(path: str) -> bool:
@@ -292,7 +299,10 @@ class AutoRound:
                                "or --disable_opt_rtn for plain RTN without data)") from None
         bs, nsamples = self.batch_size, x.shape[0]
         last = max((i for i in range(self.config.num_layers) if self._block_schemes(i)), default=-1)  # later: no work
-        for i in self._progress(range(self.config.num_layers)):
+        start = self._restore("opt-rtn", {"x_fp": x}, None)
+        if start:
+            x = self._restored.carry["x_fp"]
+        for i in self._progress(range(start, self.config.num_layers)):
             t0 = time.time()
             schemes = self._block_schemes(i)
             if i <= last:
@@ -306,10 +316,14 @@ class AutoRound:
                 jax.block_until_ready(x)
             self.reports.append(BlockReport(i, None, None, None, time.time() - t0))
             check_block(self, i)  # finite loss, scales and codes before anything is written
+            if i < last:
+                self._checkpoint(i, {"x_fp": x}, None)
 
     def _block_inputs(self):
         """(first block's inputs [nsamples, T, D] from the calibration ids, cos, sin, mask for batch_size rows)."""
-        ids = jnp.asarray(self.calibration())
+        ids = self.calibration()
+        self._calibration_sha256 = hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()  # resume signature
+        ids = jnp.asarray(ids)
         cos, sin, mask = attention_inputs(Rotary(self.config), None, self.batch_size, self.seqlen, self.compute_dtype)
         x = jnp.take(self.source.tensor("model.embed_tokens.weight").astype(self.compute_dtype), ids, axis=0)
         return x, cos, sin, mask
@@ -321,7 +335,11 @@ class AutoRound:
         x_q = x_fp
         settings = TuneSettings(self.iters, self.lr, self.minmax_lr, bs, self.gradient_accumulate_steps,
                                 self.not_use_best_mse)
-        bar = self._progress(range(self.config.num_layers))
+        start = self._restore("tuned", {"x_fp": x_fp, "x_q": x_fp}, rng)
+        if start:
+            x_fp = self._restored.carry["x_fp"]
+            x_q = self._restored.carry.get("x_q", x_fp)
+        bar = self._progress(range(start, self.config.num_layers))
         for i in bar:
             timer = BlockTimer()
             block = self._load_block(i)
@@ -345,6 +363,33 @@ class AutoRound:
             report.seconds, report.split = timer.total, dict(timer.seconds)
             self.reports.append(report)
             check_block(self, i)  # finite loss, scales and codes before anything is written
+            carry = {"x_fp": x_fp} if x_q is x_fp else {"x_fp": x_fp, "x_q": x_q}
+            self._checkpoint(i, carry, rng)
+
+    def set_resume_dir(self, directory: str | None, resume: bool = True) -> None:
+        """Checkpoint after each block into directory (None: no checkpoints) and resume from it unless resume=False."""
+        self._resume = Resumer(directory if self.model_path is not None else None, resume)
+
+    def _restore(self, pipeline: str, carry_like: dict, rng: random.Random | None) -> int:
+        """The first block to run: 0, or the block after the last checkpointed one (codes, imatrix, reports and the
+        sampler's state restored; the activations in self._restored.carry)."""
+        self._restored = self._resume.begin(run_settings(self, pipeline) if self._resume.enabled else {},
+                                            carry_like, self.config.num_layers)
+        if self._restored is None:
+            return 0
+        r = self._restored
+        self.quantized.update(r.quantized), self.imatrix.update(r.imatrix)
+        self.reports[:] = r.reports
+        if rng is not None and r.rng_state is not None:
+            rng.setstate(r.rng_state)
+        return r.next_block
+
+    def _checkpoint(self, i: int, carry: dict, rng: random.Random | None) -> None:
+        """After block i: what block i + 1 needs, for a resume (tuning/resume.py)."""
+        if self._resume.enabled:
+            prefix = f"model.layers.{i}."
+            pick = lambda d: {n: v for n, v in d.items() if n.startswith(prefix)}  # noqa: E731
+            self._resume.save(i, carry, rng, pick(self.quantized), pick(self.imatrix), self.reports)
 
     def _progress(self, it):
         return tqdm(it, desc="blocks", unit="block", disable=not self.progress, dynamic_ncols=True)
@@ -399,11 +444,14 @@ class AutoRound:
                              "or a comma list of them")
         qm = self.result()
         if len(names) == 1:
-            return formats[names[0]](qm, output_dir, overwrite)
-        with atomic_folder(output_dir, overwrite) as tmp:
-            for f in names:
-                formats[f](qm, os.path.join(tmp, "fake" if f == "fake" else folder_name(qm, f)), False)
-        return os.path.abspath(output_dir)
+            out = formats[names[0]](qm, output_dir, overwrite)
+        else:
+            with atomic_folder(output_dir, overwrite) as tmp:
+                for f in names:
+                    formats[f](qm, os.path.join(tmp, "fake" if f == "fake" else folder_name(qm, f)), False)
+            out = os.path.abspath(output_dir)
+        self._resume.clear()  # exported: the resume checkpoint has served
+        return out
 
     def _rtn_label(self) -> str:
         if self.iters:
