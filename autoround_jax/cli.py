@@ -227,7 +227,8 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--disable_amp", action="store_true")
     p.add_argument("--scale_dtype", default="fp16")
     p.add_argument("--format", "--formats", dest="format", default="auto_round",
-                   help="fake (float folder with quantized values), auto_round, auto_gptq, auto_awq, or a comma list")
+                   help="fake (float folder with quantized values), auto_round, auto_gptq, auto_awq, orbax (JAX-native), "
+                   "or a comma list")
     p.add_argument("--output_dir", default="./tmp_autoround")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--resume_dir", default=None, help="checkpoint after each block here and resume from it "
@@ -270,9 +271,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         kw["sym"] = False
     from .formats.auto_round import FORMATS
 
-    unknown = [f for f in args.format.split(",") if f.strip() not in ("fake", *FORMATS)]
+    unknown = [f for f in args.format.split(",") if f.strip() not in ("fake", *FORMATS, "orbax")]
     if unknown:  # fail before hours of tuning
-        raise UsageError(f"unknown --format {', '.join(unknown)}: use fake, {', '.join(FORMATS)} or a comma list")
+        raise UsageError(f"unknown --format {', '.join(unknown)}: use fake, {', '.join(FORMATS)}, orbax or a comma "
+                         "list")
     ar = AutoRound(path, **kw)
     s = ar.default_scheme
     name = os.path.basename(os.path.normpath(model or path))

@@ -17,6 +17,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 PARTITION_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight\.w$", ("fsdp", None)),
     (r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.bias$", ("fsdp",)),
+    # the orbax quantized checkpoint's packed linears (formats/orbax_format.py): [K*b/32 or groups, N]
+    (r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight\.(qvalue|scale|zero_point)$",
+     (None, "fsdp")),
     (r"^lm_head\.weight\.w$", ("fsdp", None)),
     (r"^embed_tokens$", ("fsdp", None)),
 )

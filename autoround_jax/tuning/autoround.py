@@ -430,13 +430,16 @@ class AutoRound:
 
     def save_quantized(self, output_dir: str = "tmp_autoround", format: str = "fake", overwrite: bool = False) -> str:
         """Write the quantized model. Formats: "fake" (float HF folder holding the dequantized weights),
-        "auto_round", "auto_gptq", "auto_awq" (packed ints, as the reference writes them). A comma list writes one
+        "auto_round", "auto_gptq", "auto_awq" (packed ints, as the reference writes them), "orbax" (the JAX-native
+        checkpoint, formats/orbax_format.py). A comma list writes one
         subfolder per format, named as the reference names them (e.g. OUT/auto-round-auto-gptq, OUT/auto-gptq)."""
         from ..formats.auto_round import EXPORTERS, folder_name
         from ..formats.fake import save_fake
         from ..io.hf_folder import atomic_folder
 
-        formats = {"fake": save_fake, **EXPORTERS}
+        from ..formats.orbax_format import save_orbax
+
+        formats = {"fake": save_fake, **EXPORTERS, "orbax": save_orbax}
         names = [f.strip() for f in format.split(",") if f.strip()]
         unknown = [f for f in names if f not in formats]
         if not names or unknown:
@@ -448,7 +451,7 @@ class AutoRound:
         else:
             with atomic_folder(output_dir, overwrite) as tmp:
                 for f in names:
-                    formats[f](qm, os.path.join(tmp, "fake" if f == "fake" else folder_name(qm, f)), False)
+                    formats[f](qm, os.path.join(tmp, f if f in ("fake", "orbax") else folder_name(qm, f)), False)
             out = os.path.abspath(output_dir)
         self._resume.clear()  # exported: the resume checkpoint has served
         return out
