@@ -11,7 +11,9 @@ complete, so a kill during a save leaves the previous checkpoint usable):
     DIR/blocks/<i>/      block i's integer codes (QuantizedWeight trees) and imatrix, written once when block i ends
 
 Block codes live in their own folders so a checkpoint costs the activations plus one block's codes, not all codes
-so far. A later streaming export can mark a block "already written" in meta instead of keeping its codes here.
+so far. The codes are written before save() returns; the activations (their checksums and the orbax step) are
+written by a background thread while the next block tunes, and the next save() waits for it: a checkpoint then
+costs the tuner almost nothing on a host whose cores are idle while an accelerator tunes. A later streaming export can mark a block "already written" in meta instead of keeping its codes here.
 A checkpoint whose signature differs (another model, scheme, dataset, ...) is never reused; one that fails its
 checksums or cannot be read is dropped with one line, and the run starts fresh.
 """
@@ -25,6 +27,8 @@ import os
 import random
 import shutil
 import sys
+import threading
+import time
 import zlib
 from typing import Any, Callable, Mapping
 
@@ -118,6 +122,9 @@ class Resumer:
         self.settings: dict[str, Any] = {}
         self._manager = None
         self._meta_blocks: dict[str, Any] = {}
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.background_seconds: list[float] = []  # per state write (benchmarks read it)
 
     @property
     def enabled(self) -> bool:
@@ -244,15 +251,40 @@ class Resumer:
         arrays = dict(carry)
         meta = {"format_version": FORMAT_VERSION, "signature": signature(self.settings), "settings": self.settings,
                 "next_block": i + 1, "rng": None if rng is None else _json_rng(rng.getstate()),
-                "reports": [dataclasses.asdict(r) for r in reports], "blocks": self._meta_blocks,
-                "crc": {k: _crc(v) for k, v in arrays.items()}}
-        mgr = self._open()
-        mgr.save(i + 1, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
-                 force=True)
-        mgr.wait_until_finished()
+                "reports": [dataclasses.asdict(r) for r in reports], "blocks": dict(self._meta_blocks)}
+        self.wait()
+        self._writer = threading.Thread(target=self._write_state, args=(i + 1, arrays, meta), name="autoround-resume")
+        self._writer.start()
+
+    def _write_state(self, step: int, arrays: dict, meta: dict) -> None:
+        import orbax.checkpoint as ocp
+
+        try:
+            t0 = time.perf_counter()
+            meta["crc"] = {k: _crc(v) for k, v in arrays.items()}
+            mgr = self._open()
+            mgr.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                   meta=ocp.args.JsonSave(meta)), force=True)
+            mgr.wait_until_finished()
+            self.background_seconds.append(time.perf_counter() - t0)
+        except BaseException as e:  # noqa: BLE001 -- raised in the tuner's thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Until the last checkpoint is on disk; its write error, if any, is raised here."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
 
     def clear(self) -> None:
         """Remove the checkpoint (a finished export, or a fresh start)."""
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 -- a failed write of a checkpoint being removed does not matter
+            pass
         if self._manager is not None:
             self._manager.close()
             self._manager = None

@@ -3,7 +3,8 @@ and 1 checkpointed); the same command again resumes there, tunes only blocks 2-5
 uninterrupted run. A changed setting, a corrupted checkpoint and a half-written one are handled as documented.
 
 The kill comes from the test's own driver (it wraps AutoRound._load_block, which runs once per tuned block, and
-SIGKILLs its own process on entering block 2): a real kill -9 at a known point, with no hook in the package."""
+SIGKILLs its own process on entering block 2, once block 1's checkpoint is on disk): a real kill -9 at a known
+point, with no hook in the package."""
 
 import os
 import shutil
@@ -28,6 +29,7 @@ from autoround_jax.tuning import autoround
 load = autoround.AutoRound._load_block
 def traced(self, i):
     if i == int(os.environ["KILL_AT_BLOCK"]):
+        self._resume.wait()  # block 1's activations are written in the background while block 2 starts
         os.kill(os.getpid(), signal.SIGKILL)
     return load(self, i)
 autoround.AutoRound._load_block = traced
