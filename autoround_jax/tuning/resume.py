@@ -11,9 +11,9 @@ complete, so a kill during a save leaves the previous checkpoint usable):
     DIR/blocks/<i>/      block i's integer codes (QuantizedWeight trees) and imatrix, written once when block i ends
 
 Block codes live in their own folders so a checkpoint costs the activations plus one block's codes, not all codes
-so far. The codes are written before save() returns; the activations (their checksums and the orbax step) are
-written by a background thread while the next block tunes, and the next save() waits for it: a checkpoint then
-costs the tuner almost nothing on a host whose cores are idle while an accelerator tunes. A later streaming export can mark a block "already written" in meta instead of keeping its codes here.
+so far. Both are written by a background thread while the next block tunes (codes first, then the step that
+names them), and the next save() waits for it: a checkpoint then costs the tuner almost nothing on a host whose
+cores are idle while an accelerator tunes; a kill loses at most the block whose checkpoint was being written. A later streaming export can mark a block "already written" in meta instead of keeping its codes here.
 A checkpoint whose signature differs (another model, scheme, dataset, ...) is never reused; one that fails its
 checksums or cannot be read is dropped with one line, and the run starts fresh.
 """
@@ -233,38 +233,40 @@ class Resumer:
     def save(self, i: int, carry: Mapping[str, jax.Array], rng: random.Random | None,
              codes: Mapping[str, QuantizedWeight], imatrix: Mapping[str, np.ndarray],
              reports: list[BlockReport]) -> None:
-        """Block i is finished: write its codes, then the activations the next block needs (step i + 1)."""
+        """Block i is finished: in a background thread, write its codes, then the activations the next block needs
+        (step i + 1, which names block i's codes only once they are on disk). Returns at once after the previous
+        checkpoint is complete; the arguments are snapshotted here (the arrays are immutable)."""
         if not self.enabled:
             return
-        import orbax.checkpoint as ocp
-
-        layers = {n: dict(bits=q.bits, group_size=q.group_size, sym=q.sym, crc=[_crc(getattr(q, k)) for k in _CODES])
-                  for n, q in codes.items()}
-        im = {n: _crc(v) for n, v in imatrix.items()}
-        if layers or im:
-            tree = {"codes": _nest({f"{n}.{k}": np.asarray(getattr(q, k)) for n, q in codes.items() for k in _CODES}),
-                    "imatrix": _nest({n: np.asarray(v) for n, v in imatrix.items()})}
-            ckpt = ocp.StandardCheckpointer()
-            ckpt.save(os.path.join(self.directory, "blocks", str(i)), {k: v for k, v in tree.items() if v}, force=True)
-            ckpt.wait_until_finished()
-        self._meta_blocks[str(i)] = {"layers": layers, "imatrix": im}
-        arrays = dict(carry)
-        meta = {"format_version": FORMAT_VERSION, "signature": signature(self.settings), "settings": self.settings,
-                "next_block": i + 1, "rng": None if rng is None else _json_rng(rng.getstate()),
-                "reports": [dataclasses.asdict(r) for r in reports], "blocks": dict(self._meta_blocks)}
         self.wait()
-        self._writer = threading.Thread(target=self._write_state, args=(i + 1, arrays, meta), name="autoround-resume")
+        snapshot = dict(carry), None if rng is None else _json_rng(rng.getstate()), dict(codes), dict(imatrix), [
+            dataclasses.asdict(r) for r in reports]
+        self._writer = threading.Thread(target=self._write, args=(i, *snapshot), name="autoround-resume")
         self._writer.start()
 
-    def _write_state(self, step: int, arrays: dict, meta: dict) -> None:
+    def _write(self, i: int, arrays: dict, rng_state, codes: dict, imatrix: dict, reports: list) -> None:
         import orbax.checkpoint as ocp
 
         try:
             t0 = time.perf_counter()
-            meta["crc"] = {k: _crc(v) for k, v in arrays.items()}
+            layers = {n: dict(bits=q.bits, group_size=q.group_size, sym=q.sym,
+                              crc=[_crc(getattr(q, k)) for k in _CODES]) for n, q in codes.items()}
+            im = {n: _crc(v) for n, v in imatrix.items()}
+            if layers or im:
+                tree = {"codes": _nest({f"{n}.{k}": np.asarray(getattr(q, k)) for n, q in codes.items()
+                                        for k in _CODES}),
+                        "imatrix": _nest({n: np.asarray(v) for n, v in imatrix.items()})}
+                ckpt = ocp.StandardCheckpointer()
+                ckpt.save(os.path.join(self.directory, "blocks", str(i)), {k: v for k, v in tree.items() if v},
+                          force=True)
+                ckpt.wait_until_finished()
+            self._meta_blocks[str(i)] = {"layers": layers, "imatrix": im}
+            meta = {"format_version": FORMAT_VERSION, "signature": signature(self.settings),
+                    "settings": self.settings, "next_block": i + 1, "rng": rng_state, "reports": reports,
+                    "blocks": dict(self._meta_blocks), "crc": {k: _crc(v) for k, v in arrays.items()}}
             mgr = self._open()
-            mgr.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                                   meta=ocp.args.JsonSave(meta)), force=True)
+            mgr.save(i + 1, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
             mgr.wait_until_finished()
             self.background_seconds.append(time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 -- raised in the tuner's thread by wait()
