@@ -50,8 +50,11 @@ def smollm2(args) -> None:
                       _du(os.path.join(self.directory, "state", str(i + 1)))))
 
     resume.Resumer.save = timed
-    ar.quantize()
-    ar._resume.wait()
+    try:
+        ar.quantize()
+        ar._resume.wait()
+    finally:
+        resume.Resumer.save = save
     background = ar._resume.background_seconds
     print(f"SmolLM2, {args.nsamples} x {args.seqlen} tokens, batch 8, iters {args.iters}, compute "
           f"{np.dtype(ar.compute_dtype).name}")
@@ -110,11 +113,13 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--big_nsamples", type=int, default=32)
     ap.add_argument("--skip_8b", action="store_true")
+    ap.add_argument("--only_8b", action="store_true")
     args = ap.parse_args()
     from autoround_jax.models.precision import cpu_flag_summary
 
     print(f"cpu flags: {cpu_flag_summary()}")
-    smollm2(args)
+    if not args.only_8b:
+        smollm2(args)
     if not args.skip_8b:
         qwen3_8b_block(args)
 
