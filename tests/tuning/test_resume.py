@@ -172,3 +172,40 @@ def test_default_location_and_env(tmp_path, monkeypatch):
     from autoround_jax.tuning.resume import default_resume_dir
 
     assert default_resume_dir(str(tmp_path / "out" / "m-w4g128")) == str(tmp_path / "out" / ".m-w4g128.autoround-resume")
+
+
+def test_opt_rtn_resumes_through_the_python_api_and_env(folder, tuned_blocks, tmp_path, monkeypatch, capfd):
+    """iters=0 (opt-RTN, the default below 8 bits) checkpoints too; AR_RESUME_DIR chooses the folder for the API.
+    A crash (an exception on entering block 3) then a second run: the codes and imatrix equal an uninterrupted run's."""
+    from autoround_jax.tuning.autoround import AutoRound
+
+    ids = np.random.default_rng(0).integers(3, 301, size=(8, 32)).astype(np.int32)
+    kw = dict(iters=0, nsamples=8, seqlen=32, batch_size=4, group_size=32, dataset=ids, model_dtype="fp32",
+              progress=False)
+    plain = AutoRound(folder, **kw)
+    plain.quantize()
+    assert not plain._resume.enabled  # no folder given: no checkpoints
+    monkeypatch.setenv("AR_RESUME_DIR", str(tmp_path / "resume"))
+    load = autoround.AutoRound._load_block
+
+    def crash(self, i):
+        if i == 3:
+            raise RuntimeError("preempted")
+        return load(self, i)
+
+    first = AutoRound(folder, **kw)
+    monkeypatch.setattr(autoround.AutoRound, "_load_block", crash)
+    with pytest.raises(RuntimeError, match="preempted"):
+        first.quantize()
+    first._resume.wait()
+    monkeypatch.setattr(autoround.AutoRound, "_load_block", load)
+    tuned_blocks.clear()
+    second = AutoRound(folder, **kw)
+    second.quantize()
+    assert f"resuming from block 3 of {LAYERS}" in capfd.readouterr().err
+    assert sorted(second.quantized) == sorted(plain.quantized) and sorted(second.imatrix) == sorted(plain.imatrix)
+    for name, qw in plain.quantized.items():
+        for k in ("codes", "scales", "zeros"):
+            np.testing.assert_array_equal(getattr(second.quantized[name], k), getattr(qw, k), err_msg=name)
+    for name, v in plain.imatrix.items():
+        np.testing.assert_array_equal(second.imatrix[name], v, err_msg=name)
