@@ -38,6 +38,21 @@ def _auto_round(folder, out, bits, sym, dtype="fp32"):
     return ar.save_quantized(out, format="auto_round")
 
 
+@pytest.fixture(scope="module")
+def exports(folder, tmp_path_factory):
+    """(bits, sym, dtype) -> (auto_round folder, its orbax conversion), made once per module."""
+    cache = {}
+
+    def get(bits, sym, dtype="fp32"):
+        if (bits, sym, dtype) not in cache:
+            base = tmp_path_factory.mktemp(f"w{bits}{'sym' if sym else 'asym'}{dtype}")
+            src = _auto_round(folder, str(base / "ar"), bits, sym, dtype)
+            cache[bits, sym, dtype] = src, convert(src, str(base / "orbax"), to="orbax")
+        return cache[bits, sym, dtype]
+
+    return get
+
+
 def _tensors(folder):
     out = {}
     for f in sorted(os.listdir(folder)):
@@ -63,9 +78,8 @@ def _config(folder):
 @pytest.mark.parametrize("bits, sym, dtype", [(2, True, "fp32"), (3, True, "fp32"), (4, True, "bf16"),
                                               (8, True, "fp32"), (2, False, "fp32"), (3, False, "bf16"),
                                               (4, False, "fp32"), (8, False, "fp32")])
-def test_auto_round_orbax_auto_round_is_lossless(folder, tmp_path, bits, sym, dtype):
-    src = _auto_round(folder, str(tmp_path / "ar"), bits, sym, dtype)
-    orb = convert(src, str(tmp_path / "orbax"), to="orbax")
+def test_auto_round_orbax_auto_round_is_lossless(exports, tmp_path, bits, sym, dtype):
+    src, orb = exports(bits, sym, dtype)
     assert is_quantized(orb) and {"config.json", "state"} <= set(os.listdir(orb))
     assert not any(f.endswith(".safetensors") for f in os.listdir(orb))
     tree = restore_state(orb)
@@ -83,9 +97,8 @@ def test_auto_round_orbax_auto_round_is_lossless(folder, tmp_path, bits, sym, dt
 
 
 @pytest.mark.parametrize("bits, sym", [(4, False)])
-def test_logits_and_conversions_equal_the_auto_round_source(folder, tmp_path, bits, sym):
-    src = _auto_round(folder, str(tmp_path / "ar"), bits, sym)
-    orb = convert(src, str(tmp_path / "orbax"), to="orbax")
+def test_logits_and_conversions_equal_the_auto_round_source(exports, tmp_path, bits, sym):
+    src, orb = exports(bits, sym)
     ids = np.random.default_rng(0).integers(3, 301, size=(2, 12)).astype(np.int32)
     want = np.asarray(load_quantized(src)(ids))
     np.testing.assert_array_equal(np.asarray(load_quantized(orb)(ids)), want)
@@ -110,11 +123,12 @@ def test_save_quantized_orbax_and_cli_convert(folder, tmp_path, capsys):
     assert "(orbax)" in capsys.readouterr().out
 
 
-def test_an_orbax_checkpoint_not_ours_fails_in_one_line(folder, tmp_path):
+def test_an_orbax_checkpoint_not_ours_fails_in_one_line(exports, tmp_path):
+    import shutil
+
     import orbax.checkpoint as ocp
 
-    src = _auto_round(folder, str(tmp_path / "ar"), 4, True)
-    orb = convert(src, str(tmp_path / "orbax"), to="orbax")
+    orb = shutil.copytree(exports(4, False)[1], str(tmp_path / "orbax"))
     state = os.path.join(orb, "state")
     tree = restore_state(orb)
     ckpt = ocp.StandardCheckpointer()
@@ -124,11 +138,10 @@ def test_an_orbax_checkpoint_not_ours_fails_in_one_line(folder, tmp_path):
         load_quantized(orb)
 
 
-def test_documented_restore_shards_onto_a_mesh(folder, tmp_path):
+def test_documented_restore_shards_onto_a_mesh(exports):
     """docs/formats.md's example, as written, on 4 simulated CPU devices; then restore_state with the project's
     partition rules; both equal the plain restore."""
-    src = _auto_round(folder, str(tmp_path / "ar"), 4, True)
-    orb = convert(src, str(tmp_path / "orbax"), to="orbax")
+    src, orb = exports(4, False)
     doc = open(os.path.join(ROOT, "docs", "formats.md")).read()
     example = re.search(r"<!-- restore-example -->\n```python\n(.*?)```", doc, re.S).group(1)
     example = example.replace('"out/model-orbax/state"', repr(os.path.join(orb, "state")))
