@@ -41,7 +41,6 @@ def smollm2(args) -> None:
     save = resume.Resumer.save
 
     def timed(self, i, *a, **kw):
-        before = _du(self.directory) if os.path.isdir(self.directory) else 0
         t0 = time.perf_counter()
         save(self, i, *a, **kw)
         sec = time.perf_counter() - t0

@@ -431,13 +431,13 @@ class AutoRound:
     def save_quantized(self, output_dir: str = "tmp_autoround", format: str = "fake", overwrite: bool = False) -> str:
         """Write the quantized model. Formats: "fake" (float HF folder holding the dequantized weights),
         "auto_round", "auto_gptq", "auto_awq" (packed ints, as the reference writes them), "orbax" (the JAX-native
-        checkpoint, formats/orbax_format.py). A comma list writes one
-        subfolder per format, named as the reference names them (e.g. OUT/auto-round-auto-gptq, OUT/auto-gptq)."""
+        checkpoint, formats/orbax_format.py). A comma list writes one subfolder per format, named as the reference
+        names them (e.g. OUT/auto-round-auto-gptq, OUT/auto-gptq; OUT/orbax). A successful export removes the resume
+        checkpoint."""
         from ..formats.auto_round import EXPORTERS, folder_name
         from ..formats.fake import save_fake
-        from ..io.hf_folder import atomic_folder
-
         from ..formats.orbax_format import save_orbax
+        from ..io.hf_folder import atomic_folder
 
         formats = {"fake": save_fake, **EXPORTERS, "orbax": save_orbax}
         names = [f.strip() for f in format.split(",") if f.strip()]
