@@ -156,7 +156,7 @@ class Resumer:
             self.clear()
             return None
         except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint: say so once and start over
-            msg = str(e).splitlines()[0] if str(e) else ""
+            msg = (str(e).splitlines()[0] if str(e) else "").split(" See full TensorStore")[0]
             self.announce(f"resume checkpoint {self.directory} is unreadable ({e.__class__.__name__}: {msg[:200]}): "
                           "starting fresh")
             self.clear()
