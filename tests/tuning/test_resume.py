@@ -133,6 +133,7 @@ def test_changed_setting_starts_fresh(folder, killed, tuned_blocks, tmp_path, ca
     assert "resuming" not in err and tuned_blocks == list(range(LAYERS))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's coroutines after a failed read
 @pytest.mark.parametrize("what", ["meta", "arrays", "codes"])
 def test_corrupted_checkpoint_gives_one_line_and_fresh_start(folder, killed, uninterrupted, tuned_blocks, tmp_path,
                                                              capfd, what):
@@ -168,10 +169,35 @@ def test_half_written_checkpoint_leaves_previous_usable(folder, killed, tuned_bl
     assert tuned_blocks == [2, 3, 4, 5]
 
 
-def test_default_location_and_env(tmp_path, monkeypatch):
-    from autoround_jax.tuning.resume import default_resume_dir
+def test_cli_default_location_beside_the_output(folder, uninterrupted, tuned_blocks, tmp_path, monkeypatch, capfd):
+    """Without --resume_dir or AR_RESUME_DIR the CLI checkpoints into .<output name>.autoround-resume beside the
+    output folder (here after a crash on entering block 4), resumes from it, and removes it after the export."""
+    import threading
 
-    assert default_resume_dir(str(tmp_path / "out" / "m-w4g128")) == str(tmp_path / "out" / ".m-w4g128.autoround-resume")
+    monkeypatch.delenv("AR_RESUME_DIR", raising=False)
+    argv = [a for a in _argv(folder, str(tmp_path / "out"), "") if a not in ("--resume_dir", "")]
+    load = autoround.AutoRound._load_block
+
+    def crash(self, i):
+        if i == 4:
+            raise RuntimeError("preempted")
+        return load(self, i)
+
+    monkeypatch.setattr(autoround.AutoRound, "_load_block", crash)
+    with pytest.raises(RuntimeError, match="preempted"):
+        cli.run(argv)
+    for t in threading.enumerate():  # the background writer of block 3's checkpoint
+        if t.name == "autoround-resume":
+            t.join()
+    name = os.path.basename(uninterrupted)
+    hidden = tmp_path / "out" / f".{name}.autoround-resume"
+    assert sorted(os.listdir(hidden / "state")) == ["4"]
+    monkeypatch.setattr(autoround.AutoRound, "_load_block", load)
+    tuned_blocks.clear()
+    assert cli.run(argv) == 0
+    assert f"resuming from block 4 of {LAYERS} (checkpoint {hidden})" in capfd.readouterr().err
+    assert tuned_blocks == [4, 5] and sorted(os.listdir(tmp_path / "out")) == [name]  # checkpoint gone
+    assert _files(_export(str(tmp_path / "out"))) == _files(uninterrupted)
 
 
 def test_opt_rtn_resumes_through_the_python_api_and_env(folder, tuned_blocks, tmp_path, monkeypatch, capfd):
