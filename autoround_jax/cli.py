@@ -227,7 +227,8 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--disable_amp", action="store_true")
     p.add_argument("--scale_dtype", default="fp16")
     p.add_argument("--format", "--formats", dest="format", default="auto_round",
-                   help="fake (float folder with quantized values), auto_round, auto_gptq, auto_awq, or a comma list")
+                   help="fake (float folder with quantized values), auto_round, auto_gptq, auto_awq, orbax (JAX-native), "
+                   "or a comma list")
     p.add_argument("--output_dir", default="./tmp_autoround")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--device", "--device_map", dest="device", default=None,
@@ -241,6 +242,9 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--disable_low_cpu_mem_usage", dest="low_cpu_mem_usage", action="store_false",
                    help="keep every block's codes in memory and write the export at the end (default: each block is "
                         "written as soon as it is done)")
+    p.add_argument("--resume_dir", default=None, help="checkpoint after each block here and resume from it "
+                   "(default: $AR_RESUME_DIR, else .<output name>.autoround-resume beside the output folder)")
+    p.add_argument("--no_resume", action="store_true", help="start over, ignoring (and replacing) a checkpoint")
     p.add_argument("--eval", action="store_true", help="after quantizing, evaluate float and quantized with lm-eval")
     p.add_argument("--disable_eval", action="store_true", help="skip --eval (the reference's flag)")
     p.add_argument("--tasks", default="lambada_openai,hellaswag,winogrande,piqa,mmlu,truthfulqa_mc1,openbookqa,"
@@ -282,9 +286,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         kw["sym"] = False
     from .formats.auto_round import FORMATS
 
-    unknown = [f for f in args.format.split(",") if f.strip() not in ("fake", *FORMATS)]
+    unknown = [f for f in args.format.split(",") if f.strip() not in ("fake", *FORMATS, "orbax")]
     if unknown:  # fail before hours of tuning
-        raise UsageError(f"unknown --format {', '.join(unknown)}: use fake, {', '.join(FORMATS)} or a comma list")
+        raise UsageError(f"unknown --format {', '.join(unknown)}: use fake, {', '.join(FORMATS)}, orbax or a comma "
+                         "list")
     ar = AutoRound(path, **kw)
     s = ar.default_scheme
     name = os.path.basename(os.path.normpath(model or path))
@@ -293,6 +298,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from .io.hf_folder import check_output_path
 
     check_output_path(out, args.overwrite)  # a file in the way or a non-empty folder fails before hours of tuning
+    from .tuning.resume import RESUME_ENV, default_resume_dir
+
+    ar.set_resume_dir(args.resume_dir or os.environ.get(RESUME_ENV) or default_resume_dir(out), not args.no_resume)
     if args.eval and not args.disable_eval:
         from .eval_cli import resolve_tasks
 

@@ -31,6 +31,7 @@ from ..quant.scheme import LayerScheme, UnsupportedSchemeError
 from .auto_round import (FORMATS, PACKINGS, Packing, export_hf_config, iter_tensors, packed_shapes,
                          unpack_linear, write_quantized)
 from ..io.safetensors_io import CheckpointError
+from .orbax_format import is_orbax, open_orbax, save_orbax
 
 # Names older auto-round versions wrote (normalised as in convert_model.py).
 LEGACY_PACKINGS = {"auto_round:gptq": "auto_round:auto_gptq", "auto_round:awq": "auto_round:auto_awq",
@@ -174,6 +175,8 @@ def check_quantized_tensors(reader: CheckpointReader, cfg: ModelConfig, schemes,
 def open_quantized(name_or_path: str) -> QuantizedModel:
     """A quantized checkpoint, checked against its config; codes are decoded lazily, layer by layer."""
     path = resolve_model_path(name_or_path)
+    if is_orbax(path):  # the JAX-native checkpoint (formats/orbax_format.py)
+        return open_orbax(path)
     cfg = ModelConfig.from_pretrained(path)
     hf_config = read_json(os.path.join(path, "config.json"))
     qc = read_quantization_config(path, hf_config)
@@ -223,7 +226,7 @@ def save_float(qm: QuantizedModel, output_dir: str, overwrite: bool = False) -> 
                               files_dir=qm.files_dir, overwrite=overwrite)
 
 
-CONVERT_TARGETS = (*FORMATS, "float")
+CONVERT_TARGETS = (*FORMATS, "orbax", "float")
 
 
 def convert(src: str, dst: str, to: str = "auto_round", overwrite: bool = False) -> str:
@@ -233,4 +236,6 @@ def convert(src: str, dst: str, to: str = "auto_round", overwrite: bool = False)
     qm = open_quantized(src)
     if to == "float":
         return save_float(qm, dst, overwrite)
+    if to == "orbax":
+        return save_orbax(qm, dst, overwrite)
     return write_quantized(qm, dst, to, overwrite)

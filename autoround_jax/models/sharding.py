@@ -20,6 +20,9 @@ PARTITION_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     # A fake-quant weight's V [out x groups, group] and per-group clip scales and init [out x groups]: by output rows.
     (r"\.weight\.(v|min_scale|max_scale|wmin0|wmax0)$", ("fsdp", None)),
     (r"\.weight\.(v|min_scale|max_scale|wmin0|wmax0)$", ("fsdp",)),
+    # the orbax quantized checkpoint's packed linears (formats/orbax_format.py): [K*b/32 or groups, N]
+    (r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight\.(qvalue|scale|zero_point)$",
+     (None, "fsdp")),
     (r"^lm_head\.weight\.w$", ("fsdp", None)),
     (r"^embed_tokens$", ("fsdp", None)),
 )

@@ -10,6 +10,7 @@ each linear's imatrix, then an imatrix-weighted scale search (quant/opt_rtn.py) 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -39,6 +40,7 @@ from .imatrix import collect_block_imatrix
 from .layer_selection import resolve_layers
 from .forward import apply_block, apply_block_host, apply_block_sharded, to_host
 from .mesh import axis_size, check_batch, describe, make_mesh, per_device_memory, put_rows, replicated
+from .resume import RESUME_ENV, Resumer, run_settings
 from .signround import TuneSettings, tune_block
 from .timing import BlockTimer, peak_host_gb
 
@@ -118,6 +120,8 @@ class AutoRound:
         device_map=None,
         low_gpu_mem_usage: bool = False,
         low_cpu_mem_usage: bool = True,
+        resume_dir: str | None = None,
+        resume: bool = True,
         **unsupported: Any,
     ):
         if unsupported:
@@ -176,6 +180,9 @@ class AutoRound:
         self.imatrix: dict[str, np.ndarray] = {}  # opt-RTN: the collected imatrix of each layer, [in_features]
         self.reports: list[BlockReport] = []
         self.seconds = 0.0
+        # resume after a crash (tuning/resume.py): resume_dir, else $AR_RESUME_DIR; off for a model in memory
+        resume_dir = resume_dir or os.environ.get(RESUME_ENV) or None
+        self._resume = Resumer(_resumable(self, resume_dir), resume)
 
     @staticmethod
     def _has_tokenizer(path: str) -> bool:
@@ -314,7 +321,10 @@ class AutoRound:
                                "or --disable_opt_rtn for plain RTN without data)") from None
         bs, nsamples = self.batch_size, x.shape[0]
         last = max((i for i in range(self.config.num_layers) if self._block_schemes(i)), default=-1)  # later: no work
-        for i in self._progress(range(self.config.num_layers)):
+        start = self._restore("opt-rtn", {"x_fp": x}, None)
+        if start:
+            x = self._restored.carry["x_fp"]
+        for i in self._progress(range(start, self.config.num_layers)):
             t0 = time.time()
             schemes = self._block_schemes(i)
             if i <= last:
@@ -328,11 +338,15 @@ class AutoRound:
                 jax.block_until_ready(x)
             self.reports.append(BlockReport(i, None, None, None, time.time() - t0))
             check_block(self, i)  # finite loss, scales and codes before anything is written
+            if i < last:
+                self._checkpoint(i, {"x_fp": x}, None)
             self._block_done(i)
 
     def _block_inputs(self):
         """(first block's inputs [nsamples, T, D] from the calibration ids, cos, sin, mask for batch_size rows)."""
-        ids = jnp.asarray(self.calibration())
+        ids = self.calibration()
+        self._calibration_sha256 = hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()  # resume signature
+        ids = jnp.asarray(ids)
         cos, sin, mask = attention_inputs(Rotary(self.config), None, self.batch_size, self.seqlen, self.compute_dtype)
         x = jnp.take(self.source.tensor("model.embed_tokens.weight").astype(self.compute_dtype), ids, axis=0)
         return x, cos, sin, mask
@@ -342,6 +356,7 @@ class AutoRound:
         mesh's `data` axis and zero-padded to whole batches (mesh; each process embeds only its own rows), or as
         numpy in host memory (low_gpu_mem_usage). Plus cos, sin, mask for batch_size rows (replicated on a mesh)."""
         ids = np.asarray(self.calibration())
+        self._calibration_sha256 = hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()  # resume signature
         n, t = ids.shape
         cos, sin, mask = attention_inputs(Rotary(self.config), None, self.batch_size, self.seqlen, self.compute_dtype)
         dtype = jnp.dtype(self.compute_dtype)
@@ -386,7 +401,11 @@ class AutoRound:
         x_q = x_fp
         settings = TuneSettings(self.iters, self.lr, self.minmax_lr, bs, self.gradient_accumulate_steps,
                                 self.not_use_best_mse)
-        bar = self._progress(range(self.config.num_layers))
+        start = self._restore("tuned", {"x_fp": x_fp, "x_q": x_fp}, rng)
+        if start:
+            x_fp = self._restored.carry["x_fp"]
+            x_q = self._restored.carry.get("x_q", x_fp)
+        bar = self._progress(range(start, self.config.num_layers))
         for i in bar:
             timer = BlockTimer()
             block = self._load_block(i)
@@ -412,11 +431,42 @@ class AutoRound:
             report.seconds, report.split = timer.total, dict(timer.seconds)
             self.reports.append(report)
             check_block(self, i)  # finite loss, scales and codes before anything is written
+            carry = {"x_fp": x_fp} if x_q is x_fp else {"x_fp": x_fp, "x_q": x_q}
+            self._checkpoint(i, carry, rng)  # before the codes may leave memory (streaming)
             self._block_done(i)
 
     def _memory_postfix(self) -> str:
         mem = per_device_memory()
         return f"; device GB in use {'/'.join(f'{m[1]:.1f}' for m in mem)}" if mem else ""
+
+    def set_resume_dir(self, directory: str | None, resume: bool = True) -> None:
+        """Checkpoint after each block into directory (None: no checkpoints) and resume from it unless resume=False."""
+        self._resume = Resumer(_resumable(self, directory), resume)
+
+    def _restore(self, pipeline: str, carry_like: dict, rng: random.Random | None) -> int:
+        """The first block to run: 0, or the block after the last checkpointed one (codes, imatrix, reports and the
+        sampler's state restored; the activations in self._restored.carry)."""
+        self._restored = self._resume.begin(run_settings(self, pipeline) if self._resume.enabled else {},
+                                            carry_like, self.config.num_layers)
+        if self._restored is None:
+            return 0
+        r = self._restored
+        self.quantized.update(r.quantized), self.imatrix.update(r.imatrix)
+        self.reports[:] = r.reports
+        if rng is not None and r.rng_state is not None:
+            rng.setstate(r.rng_state)
+        if self.low_gpu_mem_usage:  # the activations live in host memory in this mode
+            r.carry = {k: to_host(v) for k, v in r.carry.items()}
+        for j in range(r.next_block):  # a streaming export writes the restored blocks first, from their codes
+            self._block_done(j)
+        return r.next_block
+
+    def _checkpoint(self, i: int, carry: dict, rng: random.Random | None) -> None:
+        """After block i: what block i + 1 needs, for a resume (tuning/resume.py)."""
+        if self._resume.enabled:
+            prefix = f"model.layers.{i}."
+            pick = lambda d: {n: v for n, v in d.items() if n.startswith(prefix)}  # noqa: E731
+            self._resume.save(i, carry, rng, pick(self.quantized), pick(self.imatrix), self.reports)
 
     def _progress(self, it):
         desc = "blocks" if self.mesh is None else f"blocks on {describe(self.mesh)}"
@@ -482,6 +532,7 @@ class AutoRound:
                 self._stream = None
             self._streamed_to = export.finish(self._result())
         _sync("export")
+        self._resume.clear()  # exported: the resume checkpoint has served
         return self._streamed_to
 
     def result(self) -> QuantizedModel:
@@ -510,13 +561,16 @@ class AutoRound:
 
     def save_quantized(self, output_dir: str = "tmp_autoround", format: str = "fake", overwrite: bool = False) -> str:
         """Write the quantized model. Formats: "fake" (float HF folder holding the dequantized weights),
-        "auto_round", "auto_gptq", "auto_awq" (packed ints, as the reference writes them). A comma list writes one
-        subfolder per format, named as the reference names them (e.g. OUT/auto-round-auto-gptq, OUT/auto-gptq)."""
+        "auto_round", "auto_gptq", "auto_awq" (packed ints, as the reference writes them), "orbax" (the JAX-native
+        checkpoint, formats/orbax_format.py). A comma list writes one subfolder per format, named as the reference
+        names them (e.g. OUT/auto-round-auto-gptq, OUT/auto-gptq; OUT/orbax). A successful export removes the resume
+        checkpoint."""
         from ..formats.auto_round import EXPORTERS, folder_name
         from ..formats.fake import save_fake
+        from ..formats.orbax_format import save_orbax
         from ..io.hf_folder import atomic_folder
 
-        formats = {"fake": save_fake, **EXPORTERS}
+        formats = {"fake": save_fake, **EXPORTERS, "orbax": save_orbax}
         names = [f.strip() for f in format.split(",") if f.strip()]
         unknown = [f for f in names if f not in formats]
         if not names or unknown:
@@ -529,8 +583,9 @@ class AutoRound:
             else:
                 with atomic_folder(output_dir, overwrite) as tmp:
                     for f in names:
-                        formats[f](qm, os.path.join(tmp, "fake" if f == "fake" else folder_name(qm, f)), False)
+                        formats[f](qm, os.path.join(tmp, f if f in ("fake", "orbax") else folder_name(qm, f)), False)
         _sync("export")
+        self._resume.clear()  # exported: the resume checkpoint has served
         return os.path.abspath(output_dir)
 
     def _rtn_label(self) -> str:
@@ -563,6 +618,18 @@ class AutoRound:
             lines.append(f"mean block loss: RTN {np.mean([r.loss_rtn for r in tuned]):.6g} -> tuned "
                          f"{np.mean([r.loss_best for r in tuned]):.6g}")
         return "\n".join(lines)
+
+
+def _resumable(ar: "AutoRound", directory: str | None) -> str | None:
+    """The resume folder, or None where checkpoints are not taken: a model passed in memory, or a run spanning
+    several processes (each would write its own copy; not supported yet)."""
+    if directory is None or ar.model_path is None:
+        return None
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            print("autoround-jax: no resume checkpoints in a multi-process run (not supported yet)")
+        return None
+    return directory
 
 
 _DROP = object()  # the stream of a process that does not write: codes are dropped after each block
