@@ -39,6 +39,8 @@ from .fake_quant import FakeQuantWeight
 from .imatrix import collect_block_imatrix
 from .layer_selection import resolve_layers
 from .signround import TuneSettings, padded_chunks, tune_block
+from . import alg_ext as _alg_ext  # issue 15 (research recipes, SignRoundV2)
+from .recipes import Recipe, make_recipe
 from .timing import BlockTimer
 
 PRESETS = {
@@ -122,6 +124,10 @@ class AutoRound:
         disable_opt_rtn: bool | None = None,
         enable_opt_rtn: bool | None = None,
         progress: bool = True,
+        objective=None,
+        optimizer=None,
+        recipe: Recipe | None = None,
+        enable_alg_ext: bool = False,
         **unsupported: Any,
     ):
         if unsupported:
@@ -145,6 +151,12 @@ class AutoRound:
         self.not_use_best_mse = not_use_best_mse
         self.scale_dtype = parse_dtype(scale_dtype)
         self.progress = progress
+        # -- issue 15: the research recipe (tuning/recipes.py) and SignRoundV2 (tuning/alg_ext.py) --
+        self.recipe = make_recipe(recipe, objective=objective, optimizer=optimizer)
+        self.enable_alg_ext = bool(enable_alg_ext)
+        if self.enable_alg_ext:
+            self.recipe = _alg_ext.alg_ext_recipe(self.recipe, self.default_scheme, keep_objective=objective is not None)
+        # -- end issue 15 --
         # amp as the reference: bf16 matmul operands (f32 accumulation) on accelerators and on CPUs with bf16 units,
         # fp32 elsewhere. V, the clip scales, the qdq and the loss stay fp32 either way (models/precision.py).
         self.amp = bool(amp)
@@ -200,11 +212,17 @@ class AutoRound:
         operands to bf16; the quantized linears' weights go to fp32 for the qdq)."""
         return self.source.block(i, jnp.float32 if self.compute_dtype == jnp.float32 else self.model_dtype)
 
-    def _to_fake_quant(self, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
+    def _to_fake_quant(self, block: DecoderBlock, schemes: dict[str, LayerScheme], imatrix=None) -> None:
+        """imatrix {name: sum of x^2 [K]}: given when the recipe's init is "search" (SignRoundV2)."""
+        r = self.recipe
         for name, scheme in schemes.items():
             lin = module_at(block, name)
             w = lin.weight.w[...].astype(jnp.float32)
-            lin.weight = FakeQuantWeight(w, scheme, self.scale_dtype, self.enable_minmax_tuning)
+            init = None
+            if imatrix is not None and _alg_ext.applies(scheme):
+                init = _alg_ext.init_scale(lin.weight.w[...], imatrix.get(name), scheme, self.scale_dtype)
+            lin.weight = FakeQuantWeight(w, scheme, self.scale_dtype, self.enable_minmax_tuning,
+                                         clip_range=r.clip_range, clip_init=r.clip_init, init_scale=init)
 
     def _finalize(self, i: int, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
         """Record integer codes and turn the fake-quant leaves back into float (qdq) weights."""
@@ -326,13 +344,17 @@ class AutoRound:
             timer = BlockTimer()
             block = self._load_block(i)
             timer.lap("io", nnx.state(block))
-            y_fp = apply_block(block, x_fp, cos, sin, mask, bs)
-            timer.lap("forward", y_fp)
             schemes = self._block_schemes(i)
+            imatrix = None
+            if self.recipe.init == "search" and schemes:  # SignRoundV2: the imatrix of the float block's inputs
+                y_fp, imatrix = collect_block_imatrix(block, list(schemes), x_fp, cos, sin, mask, bs)
+            else:
+                y_fp = apply_block(block, x_fp, cos, sin, mask, bs)
+            timer.lap("forward", y_fp)
             report = BlockReport(i, None, None, None, 0.0)
             if schemes:
-                self._to_fake_quant(block, schemes)
-                r = tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng)
+                self._to_fake_quant(block, schemes, imatrix)
+                r = tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng, self.recipe)
                 timer.lap("step")
                 report.loss_rtn, report.loss_best, report.best_iter = r.loss_rtn, r.loss_best, r.best_iter
                 self._finalize(i, block, schemes)
@@ -378,6 +400,8 @@ class AutoRound:
                             enable_quanted_input=self.enable_quanted_input,
                             gradient_accumulate_steps=self.gradient_accumulate_steps, lr=self.lr,
                             minmax_lr=self.minmax_lr)
+            if self.enable_alg_ext:  # issue 15: recorded only when on, so default exports stay byte-identical
+                settings.update(enable_alg_ext=True)
         return QuantizedModel(self.config, dict(self.source.hf_config), self.source.reader, np.dtype(self.model_dtype),
                               self.default_scheme, dict(self.layer_config), self.quantized, settings, self.source.path,
                               reports=list(self.reports), summary=self.summary(),

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from .fake_quant import ClipScale, Rounding
+from .recipes import DEFAULT, Recipe
 
 TRACE_COUNT = {"tune": 0}  # incremented at trace time only: tests use it to prove one compile per block shape
 
@@ -72,16 +73,18 @@ def _sign_sgd(lr, iters: int) -> optax.GradientTransformation:
     return optax.chain(optax.scale_by_sign(), optax.scale_by_schedule(lambda t: -lr * (1.0 - t / iters)))
 
 
-def _clip_scales(params):
-    """min/max scales live in [0, 1]: the reference clamps them in place before every use."""
-    return jax.tree.map(lambda p: jnp.clip(p, 0.0, 1.0), params)
+def _clip_scales(params, bound=(0.0, 1.0)):
+    """min/max scales live in [0, 1] (the recipe's clip_range): the reference clamps them in place before every use."""
+    return jax.tree.map(lambda p: jnp.clip(p, *bound), params)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "iters", "batch_size", "gas", "not_use_best_mse"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "iters", "batch_size", "gas", "not_use_best_mse", "recipe"))
 def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, lr, minmax_lr, *,
-          iters, batch_size, gas, not_use_best_mse):
+          iters, batch_size, gas, not_use_best_mse, recipe: Recipe = DEFAULT):
     TRACE_COUNT["tune"] += 1
-    tx_v, tx_s = _sign_sgd(lr, iters), _sign_sgd(minmax_lr, iters)
+    # recipe (tuning/recipes.py): objective, optimizers, clip range, iteration selection; static and hashable.
+    tx_v, tx_s = recipe.optimizer(lr, iters), recipe.minmax_tx(minmax_lr, iters)
+    not_use_best_mse = not_use_best_mse or recipe.select == "last"
 
     # The reference (0.16) leaves each sample's last position out of the loss: it has no next-token target.
     keep = (jnp.arange(x_q.shape[1]) < x_q.shape[1] - 1).astype(jnp.float32)[None, :, None]
@@ -89,7 +92,7 @@ def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, 
     def loss_fn(params, xb, yb):
         block = nnx.merge(graphdef, params[0], params[1], rest)
         out = block(xb, cos, sin, mask)[0]
-        return jnp.mean(jnp.square((out.astype(jnp.float32) - yb.astype(jnp.float32)) * keep))
+        return recipe.objective(out, yb, keep)
 
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -114,7 +117,8 @@ def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, 
         best_iter = jnp.where(take, i, best_iter)
         loss0 = jnp.where(i == 0, loss, loss0)
         uv, sv = tx_v.update(grads[0], opt_state[0]), tx_s.update(grads[1], opt_state[1])
-        new_params = (optax.apply_updates(params[0], uv[0]), _clip_scales(optax.apply_updates(params[1], sv[0])))
+        new_params = (optax.apply_updates(params[0], uv[0]), _clip_scales(optax.apply_updates(params[1], sv[0]),
+                                                                                   recipe.clip_range))
         return new_params, (uv[1], sv[1]), best, best_loss, best_iter, loss0
 
     params = (rounding, scales)
@@ -124,7 +128,8 @@ def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, 
     return best, loss0, best_loss, best_iter
 
 
-def tune_block(block: nnx.Module, x_q, y_fp, cos, sin, mask, settings: TuneSettings, rng: random.Random) -> TuneResult:
+def tune_block(block: nnx.Module, x_q, y_fp, cos, sin, mask, settings: TuneSettings, rng: random.Random,
+               recipe: Recipe = DEFAULT) -> TuneResult:
     """Optimise the fake-quant leaves of `block` in place (V and clip scales end at the best iteration's values).
 
     x_q, y_fp: [nsamples, T, D] tuned inputs and float targets; cos/sin/mask: built for batch_size rows.
@@ -136,7 +141,7 @@ def tune_block(block: nnx.Module, x_q, y_fp, cos, sin, mask, settings: TuneSetti
     best, loss0, best_loss, best_iter = _tune(
         graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, jnp.asarray(idx),
         jnp.float32(s.lr), jnp.float32(s.minmax_lr), iters=s.iters, batch_size=s.batch_size,
-        gas=s.gradient_accumulate_steps, not_use_best_mse=s.not_use_best_mse,
+        gas=s.gradient_accumulate_steps, not_use_best_mse=s.not_use_best_mse, recipe=recipe,
     )
     nnx.update(block, best[0], best[1])
     return TuneResult(float(loss0), float(best_loss), int(best_iter))
