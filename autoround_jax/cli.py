@@ -240,6 +240,12 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--include_path", default=None, help="folder of local lm-eval task YAMLs")
     p.add_argument("--enable_torch_compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--low_gpu_mem_usage", action="store_true", help=argparse.SUPPRESS)
+    # -- issue 15: research recipes (tuning/recipes.py) and SignRoundV2 --
+    p.add_argument("--objective", default=None, help="block loss by name (tuning/recipes.py OBJECTIVES; default mse)")
+    p.add_argument("--optimizer", default=None, help="optimizer by name (tuning/recipes.py OPTIMIZERS; default signsgd)")
+    p.add_argument("--enable_alg_ext", action="store_true",
+                   help="SignRoundV2 for sym int schemes: imatrix-searched init scale, clip scales in [0, 2], "
+                        "outlier-dropping loss under 4 bits")
     return p
 
 
@@ -258,6 +264,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
         scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, amp=not args.disable_amp, scheme=args.scheme,
         disable_opt_rtn=pick("disable_opt_rtn"),
+        objective=args.objective, optimizer=args.optimizer, enable_alg_ext=args.enable_alg_ext,  # issue 15
     )
     if args.bits is not None:
         kw["bits"] = args.bits

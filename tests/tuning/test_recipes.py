@@ -153,3 +153,13 @@ def test_recipe_field_checks():
     with pytest.raises(ValueError, match="unknown select"):
         recipes.Recipe(select="median")
     assert hash(recipes.Recipe()) == hash(recipes.DEFAULT) and recipes.Recipe() == recipes.DEFAULT
+
+
+def test_cli_flags(folder, tmp_path, capsys):
+    from autoround_jax.cli import build_quantize_parser, run
+
+    a = build_quantize_parser().parse_args(["--objective", "l1", "--optimizer", "adam", "--enable_alg_ext"])
+    assert (a.objective, a.optimizer, a.enable_alg_ext) == ("l1", "adam", True)
+    assert run(["--model", folder, "--objective", "nope", "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown objective 'nope'" in err and len(err.splitlines()) == 1 and "Traceback" not in err
