@@ -1,0 +1,78 @@
+"""AutoScheme pieces against the reference 0.16.1: its bit-counting rule (compute_layer_bits) and its dynamic
+program (choose_bits_per_layer_with_path) on the same numbers; DeltaLoss on a tiny model meets the budget."""
+
+import numpy as np
+import pytest
+
+from autoround_jax.quant.scheme import LayerScheme
+from autoround_jax.tuning import auto_scheme
+from tests.tiny_models import build_model, save_model
+
+torch = pytest.importorskip("torch")
+SCHEMES = [LayerScheme(2, 64, True), LayerScheme(4, 128, True), LayerScheme(8, 128, True)]
+
+
+def _ref_bits(out_f, in_f, s, ignore=False):
+    from auto_round.auto_scheme.utils import compute_layer_bits
+
+    lin = torch.nn.Linear(in_f, out_f, bias=False)
+    lin.bits, lin.group_size, lin.sym, lin.data_type = s.bits, s.group_size, s.sym, "int"
+    return compute_layer_bits(lin, ignore)[0]
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (64, 320), (40, 100)])
+@pytest.mark.parametrize("scheme", SCHEMES + [LayerScheme(3, -1, False), LayerScheme(4, 32, False)])
+def test_layer_bits_follow_the_reference_rule(shape, scheme):
+    for ignore in (False, True):
+        assert auto_scheme.layer_bits(*shape, scheme, ignore) == _ref_bits(*shape, scheme, ignore)
+
+
+def test_dp_picks_the_reference_choice_on_the_same_numbers():
+    from auto_round.auto_scheme.delta_loss import choose_bits_per_layer_with_path
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n = int(rng.integers(3, 9))
+        shapes = {f"l{i}": (int(rng.integers(2, 9)) * 32, int(rng.integers(2, 9)) * 32) for i in range(n)}
+        scores = rng.gamma(1.0, 1.0, (3, n)) * np.array([[8.0], [1.0], [0.1]])
+        total = sum(o * i for o, i in shapes.values())
+        budget = int(total * rng.uniform(2.6, 6.0))
+        ours = {name: [(si, auto_scheme.layer_bits(o, i, s), float(scores[si, k])) for si, s in enumerate(SCHEMES)]
+                for k, (name, (o, i)) in enumerate(shapes.items())}
+        ref_in = {name: [(si, b, loss, [name]) for si, b, loss in opts] for name, opts in ours.items()}
+        ref_loss, ref_path = choose_bits_per_layer_with_path(ref_in, budget)
+        loss, chosen = auto_scheme.choose_schemes(ours, budget)
+        if ref_path is None:
+            assert chosen is None
+            continue
+        assert loss == ref_loss
+        assert chosen == {names[0]: si for names, si in ref_path}
+
+
+def test_delta_loss_allocation_on_a_tiny_model(tmp_path):
+    from auto_round.auto_scheme.delta_loss import choose_bits_per_layer_with_path
+
+    from autoround_jax import load_model
+
+    folder = save_model(build_model("qwen3_tune", num_layers=2), str(tmp_path / "m"))
+    model = load_model(folder, dtype="fp32")
+    names = [f"model.layers.{i}.{p}" for i in range(2) for p in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj")]
+    ids = np.random.default_rng(0).integers(3, 301, size=(4, 32)).astype(np.int32)
+    scores = auto_scheme.delta_loss_scores(model, names, SCHEMES, ids)
+    assert scores.shape == (3, len(names)) and np.isfinite(scores).all()
+    assert (scores[0] > scores[1]).mean() > 0.9 and (scores[1] > scores[2]).mean() > 0.9  # fewer bits, more loss
+    shapes = {n: tuple(auto_scheme._linear(model, n).weight.shape) for n in names}
+    total = sum(o * i for o, i in shapes.values())
+    for target in (3.0, 4.5, 6.0):
+        chosen, avg = auto_scheme.allocate(shapes, SCHEMES, scores, target)
+        used = sum(_ref_bits(*shapes[n], s) for n, s in chosen.items())  # counted by the reference's rule
+        assert used <= int(total * target) and avg == used / total
+        ref_in = {n: [(si, _ref_bits(*shapes[n], s), float(scores[si, k]), [n]) for si, s in enumerate(SCHEMES)]
+                  for k, n in enumerate(names)}
+        _, ref_path = choose_bits_per_layer_with_path(ref_in, int(total * target))
+        assert {n: s for n, s in chosen.items()} == {p[0][0]: SCHEMES[p[1]] for p in ref_path}
+    assert len({s.bits for s in auto_scheme.allocate(shapes, SCHEMES, scores, 4.5)[0].values()}) > 1  # mixed
+    with pytest.raises(ValueError, match="too small"):
+        auto_scheme.allocate(shapes, SCHEMES, scores, 2.0)
