@@ -17,6 +17,9 @@ Not done yet (see docs/research.md): the AutoRound / CLI wiring (--schemes, --bi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import warnings
 from typing import Iterable
 
 import jax
@@ -93,36 +96,47 @@ def _qdq_weights(model, names: Iterable[str], scheme: LayerScheme):
     return out
 
 
-def delta_loss_scores(model, names: list[str], schemes: list[LayerScheme], ids: np.ndarray) -> np.ndarray:
-    """[len(schemes), len(names)] DeltaLoss sensitivities on calibration token ids [n, T] (one batch).
+@functools.partial(jax.jit, static_argnames=("graphdef", "names"))
+def _weight_grads(graphdef, state, ws, ids, *, names):
+    """d(mean next-token cross entropy)/d(weight) of each named linear, at the weights ws."""
 
-    For each scheme, every named linear of `model` (a float CausalLM whose linears hold FloatWeight leaves) is set to
-    its RTN qdq weight, the mean next-token cross entropy is differentiated w.r.t. those weights, and each layer
-    scores sum |grad x (W - W~)|. The model is restored afterwards.
+    def loss_fn(ws):
+        m = nnx.merge(graphdef, state)
+        for n in names:
+            _linear(m, n).weight = FloatWeight(ws[n])
+        logits = m(ids[:, :-1]).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+
+    return jax.grad(loss_fn)(ws)
+
+
+def delta_loss_scores(model, names: list[str], schemes: list[LayerScheme], ids: np.ndarray,
+                      batch_size: int | None = None) -> np.ndarray:
+    """[len(schemes), len(names)] DeltaLoss sensitivities on calibration token ids [n, T].
+
+    For each scheme, every named linear of `model` (a float CausalLM) computes with its RTN qdq weight W~, the mean
+    next-token cross entropy of each batch is differentiated w.r.t. those weights, and each layer adds
+    sum |grad x (W - W~)| per batch (the reference's weight score, accumulated per backward pass). The model is
+    left as it was.
     """
-    ids = jnp.asarray(ids)
+    ids = np.asarray(ids)
+    bs = batch_size or ids.shape[0]
+    names = tuple(names)
     originals = {n: _linear(model, n).weight for n in names}
     scores = np.zeros((len(schemes), len(names)), np.float64)
     try:
         for si, scheme in enumerate(schemes):
             pairs = _qdq_weights(model, names, scheme)
+            ws = {n: pairs[n][1].astype(originals[n].w[...].dtype) for n in names}
             for n in names:
-                _linear(model, n).weight = FloatWeight(pairs[n][1].astype(originals[n].w[...].dtype))
+                _linear(model, n).weight = FloatWeight(ws[n])
             graphdef, state = nnx.split(model)
-
-            def loss_fn(ws):
-                m = nnx.merge(graphdef, state)
-                for n, w in ws.items():
-                    _linear(m, n).weight = FloatWeight(w)
-                logits = m(ids[:, :-1]).astype(jnp.float32)
-                logp = jax.nn.log_softmax(logits, axis=-1)
-                return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
-
-            ws = {n: _linear(model, n).weight.w[...] for n in names}
-            grads = jax.grad(loss_fn)(ws)
-            for ni, n in enumerate(names):
-                w, wq = pairs[n]
-                scores[si, ni] = float(jnp.sum(jnp.abs(grads[n].astype(jnp.float32) * (w - wq))))
+            for i in range(0, ids.shape[0], bs):
+                grads = _weight_grads(graphdef, state, ws, jnp.asarray(ids[i : i + bs]), names=names)
+                for ni, n in enumerate(names):
+                    w, wq = pairs[n]
+                    scores[si, ni] += float(jnp.sum(jnp.abs(grads[n].astype(jnp.float32) * (w - wq))))
     finally:
         for n in names:
             _linear(model, n).weight = originals[n]
@@ -144,3 +158,86 @@ def allocate(shapes: dict[str, tuple[int, int]], schemes: list[LayerScheme], sco
     result = {n: schemes[i] for n, i in chosen.items()}
     used = sum(layer_bits(*shapes[n], s, ignore_scale_zp_bits) for n, s in result.items())
     return result, used / total_params
+
+
+# -- the AutoRound side ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AutoSchemeSpec:
+    """The reference's AutoScheme(options, avg_bits, ignore_scale_zp_bits) with our scheme objects."""
+
+    names: tuple[str, ...]
+    options: tuple[LayerScheme, ...]
+    avg_bits: float
+    ignore_scale_zp_bits: bool = False
+
+
+def AutoScheme(options, avg_bits: float, ignore_scale_zp_bits: bool = False) -> AutoSchemeSpec:  # noqa: N802
+    """The reference's `AutoScheme(options=..., avg_bits=...)`, for `AutoRound(model, scheme=AutoScheme(...))`."""
+    return parse_spec(options, avg_bits, ignore_scale_zp_bits)
+
+
+def parse_spec(schemes, avg_bits, ignore_scale_zp_bits: bool = False) -> AutoSchemeSpec:
+    """'W2A16G64,W4A16,W8A16' (or a list of names) and the average target bits -> an AutoSchemeSpec; duplicates
+    dropped as the reference does (the first kept)."""
+    from ..quant.scheme import SCHEMES
+
+    raw = schemes.split(",") if isinstance(schemes, str) else [p for item in schemes for p in str(item).split(",")]
+    names, options = [], []
+    for name in (p.strip().upper() for p in raw if p.strip()):
+        if name not in SCHEMES:
+            raise ValueError(f"unknown scheme {name!r} in --schemes: use some of {', '.join(SCHEMES)}")
+        if SCHEMES[name] not in options:
+            names.append(name)
+            options.append(SCHEMES[name])
+    if len(options) < 1:
+        raise ValueError("--schemes needs at least one candidate scheme, e.g. W2A16G64,W4A16,W8A16")
+    if avg_bits is None:
+        raise ValueError("please set --bits (the average target bits) for AutoScheme")
+    avg_bits = float(avg_bits)
+    if not 0 < avg_bits <= 16:
+        raise ValueError(f"average bits {avg_bits} is out of range: pass a number in (0, 16]")
+    return AutoSchemeSpec(tuple(names), tuple(options), avg_bits, bool(ignore_scale_zp_bits))
+
+
+@dataclasses.dataclass
+class AutoSchemeResult:
+    spec: AutoSchemeSpec
+    choices: dict[str, LayerScheme]
+    avg_bits: float
+    scores: np.ndarray
+    seconds: float
+
+    def lines(self) -> list[str]:
+        """The report: target and achieved average bits, then each block's layer choices."""
+        label = {s: n for n, s in zip(self.spec.names, self.spec.options)}
+        counts = {n: sum(1 for s in self.choices.values() if label[s] == n) for n in self.spec.names}
+        out = [f"AutoScheme: target {self.spec.avg_bits:g} average bits over {len(self.choices)} layers, achieved "
+               f"{self.avg_bits:.4f} (scale/zero-point bits {'ignored' if self.spec.ignore_scale_zp_bits else 'counted'}"
+               f"); " + ", ".join(f"{n} x {c}" for n, c in counts.items()) + f"; DeltaLoss {self.seconds:.1f} s"]
+        blocks: dict[str, list[str]] = {}
+        for name, s in self.choices.items():
+            block, _, layer = name.partition(".layers.")[2].partition(".")
+            blocks.setdefault(block, []).append(f"{layer} {label[s]}")
+        out += [f"  block {b}: " + ", ".join(v) for b, v in blocks.items()]
+        return out
+
+
+def run_auto_scheme(model, layer_config: dict[str, LayerScheme | None], spec: AutoSchemeSpec, ids: np.ndarray,
+                    batch_size: int) -> AutoSchemeResult:
+    """Score every quantized block linear of `model` under each candidate, allocate under spec.avg_bits and return
+    the per-layer choices (layers kept float by fp_layers are neither scored nor counted)."""
+    import time
+
+    t0 = time.time()
+    names = [n for n, s in layer_config.items() if s is not None]
+    shapes = {n: tuple(_linear(model, n).weight.shape) for n in names}
+    for s in spec.options:
+        from .layer_selection import check_scheme
+
+        for n in names:
+            check_scheme(s, shapes[n][1], n)
+    scores = delta_loss_scores(model, names, list(spec.options), ids, batch_size)
+    choices, avg = allocate(shapes, list(spec.options), scores, spec.avg_bits, spec.ignore_scale_zp_bits)
+    if avg > spec.avg_bits + 1e-9:
+        warnings.warn(f"AutoScheme average bits {avg:.4f} exceed the target {spec.avg_bits}")
+    return AutoSchemeResult(spec, choices, avg, scores, time.time() - t0)

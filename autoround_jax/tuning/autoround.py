@@ -39,7 +39,8 @@ from .fake_quant import FakeQuantWeight
 from .imatrix import collect_block_imatrix
 from .layer_selection import resolve_layers
 from .signround import TuneSettings, padded_chunks, tune_block
-from . import alg_ext as _alg_ext  # issue 15 (research recipes, SignRoundV2)
+from . import alg_ext as _alg_ext  # issue 15 (research recipes, SignRoundV2, AutoScheme)
+from . import auto_scheme as _auto_scheme
 from .recipes import Recipe, make_recipe
 from .timing import BlockTimer
 
@@ -120,7 +121,7 @@ class AutoRound:
         scale_dtype: str = "fp16",
         model_dtype: str = "auto",
         amp: bool = True,
-        scheme: str | None = None,
+        scheme: "str | _auto_scheme.AutoSchemeSpec | None" = None,
         disable_opt_rtn: bool | None = None,
         enable_opt_rtn: bool | None = None,
         progress: bool = True,
@@ -132,6 +133,15 @@ class AutoRound:
     ):
         if unsupported:
             warnings.warn(f"ignored options not implemented in autoround-jax: {', '.join(sorted(unsupported))}")
+        # -- issue 15: AutoScheme (mixed bits): the candidates' first scheme is the default, as the reference --
+        self.auto_scheme = scheme if isinstance(scheme, _auto_scheme.AutoSchemeSpec) else None
+        self.auto_scheme_result = None
+        if self.auto_scheme is not None:
+            if layer_config:
+                raise ValueError("layer_config together with AutoScheme is not supported yet: drop one of them")
+            first = self.auto_scheme.options[0]
+            bits, group_size, sym, scheme = first.bits, first.group_size, first.sym, None
+        # -- end issue 15 --
         if scheme is not None:
             if scheme.upper() not in SCHEMES:
                 raise ValueError(f"unknown scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
@@ -249,6 +259,10 @@ class AutoRound:
         """Tune every selected block; returns (fake-quant model, layer_config) like the reference."""
         validate_before_tuning(self)  # non-finite embedding/norm/head, vocab mismatch, dataset spec: before any block
         t_start = time.time()
+        if self.auto_scheme is not None and self.auto_scheme_result is None:  # issue 15: per-layer schemes first
+            self.auto_scheme_result = _auto_scheme.run_auto_scheme(
+                self.source.model(), self.layer_config, self.auto_scheme, self.calibration(), self.batch_size)
+            self.layer_config.update(self.auto_scheme_result.choices)
         try:
             self._run_pipeline()
         except jax.errors.JaxRuntimeError as e:
@@ -452,6 +466,8 @@ class AutoRound:
         if splits:
             lines.append("time split: " + ", ".join(f"{p} {sum(sp[p] for sp in splits):.1f} s" for p in PHASES)
                          + f" ({jnp.dtype(self.compute_dtype).name} matmuls)")
+        if self.auto_scheme_result is not None:  # issue 15
+            lines += self.auto_scheme_result.lines()
         if tuned:
             lines.append(f"mean block loss: RTN {np.mean([r.loss_rtn for r in tuned]):.6g} -> tuned "
                          f"{np.mean([r.loss_best for r in tuned]):.6g}")

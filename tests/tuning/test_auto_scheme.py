@@ -76,3 +76,46 @@ def test_delta_loss_allocation_on_a_tiny_model(tmp_path):
     assert len({s.bits for s in auto_scheme.allocate(shapes, SCHEMES, scores, 4.5)[0].values()}) > 1  # mixed
     with pytest.raises(ValueError, match="too small"):
         auto_scheme.allocate(shapes, SCHEMES, scores, 2.0)
+
+
+def test_autoscheme_end_to_end_export_loads_in_transformers(tmp_path):
+    import json
+
+    from autoround_jax import load_quantized
+    from autoround_jax.tuning.autoround import AutoRound
+    from tests.formats.reference import assert_matches_transformers
+
+    folder = save_model(build_model("qwen3_tune", num_layers=2), str(tmp_path / "m"))
+    ids = np.random.default_rng(0).integers(3, 301, size=(4, 32)).astype(np.int32)
+    spec = auto_scheme.AutoScheme("W2A16G64,W4A16,W8A16", 4.5)
+    ar = AutoRound(folder, scheme=spec, dataset=ids, iters=4, nsamples=4, seqlen=32, batch_size=2,
+                   model_dtype="fp32", progress=False)
+    ar.quantize()
+    res = ar.auto_scheme_result
+    assert ar.default_scheme == SCHEMES[0] and res.avg_bits <= 4.5
+    assert {ar.layer_config[n] for n in res.choices} == set(res.choices.values()) and len(set(res.choices.values())) > 1
+    summary = ar.summary()
+    assert "AutoScheme: target 4.5" in summary and f"achieved {res.avg_bits:.4f}" in summary and "block 1:" in summary
+    out = ar.save_quantized(str(tmp_path / "out"), format="auto_round")
+    qc = json.load(open(f"{out}/config.json"))["quantization_config"]
+    assert (qc["bits"], qc["group_size"]) == (2, 64)
+    for name, s in res.choices.items():
+        extra = qc.get("extra_config", {}).get(name, {})
+        assert (extra.get("bits", 2), extra.get("group_size", 64)) == (s.bits, s.group_size), name
+    assert_matches_transformers(out, load_quantized(out, dtype="fp32"), ids[:2, :16])
+
+
+def test_cli_schemes_and_aliases():
+    from autoround_jax.cli import build_quantize_parser
+
+    p = build_quantize_parser()
+    a = p.parse_args(["--schemes", "W2A16G64,W4A16", "W8A16", "--bits", "3.0", "--ignore_scale_zp_bits"])
+    spec = auto_scheme.parse_spec(a.schemes, a.bits, a.ignore_scale_zp_bits)
+    assert spec.names == ("W2A16G64", "W4A16", "W8A16") and spec.avg_bits == 3.0 and spec.ignore_scale_zp_bits
+    with pytest.warns(UserWarning, match="--avg_bits is deprecated"):
+        b = p.parse_args(["--options", "W2A16G64,W4A16", "--avg_bits", "2.5"])
+    assert auto_scheme.parse_spec(b.schemes, b.bits).avg_bits == 2.5
+    with pytest.raises(ValueError, match="please set --bits"):
+        auto_scheme.parse_spec(["W4A16"], None)
+    with pytest.raises(ValueError, match="unknown scheme 'W5A16'"):
+        auto_scheme.parse_spec("W4A16,W5A16", 4)
