@@ -228,11 +228,14 @@ class AutoRound:
         for name, scheme in schemes.items():
             lin = module_at(block, name)
             w = lin.weight.w[...].astype(jnp.float32)
-            init = None
-            if imatrix is not None and _alg_ext.applies(scheme):
-                init = _alg_ext.init_scale(lin.weight.w[...], imatrix.get(name), scheme, self.scale_dtype)
+            init, clip = None, r.clip_range
+            if r.init == "search":  # SignRoundV2: sym int layers only; others (the reference refuses them) as plain
+                if _alg_ext.applies(scheme):
+                    init = _alg_ext.init_scale(lin.weight.w[...], imatrix.get(name), scheme, self.scale_dtype)
+                else:
+                    clip = (0.0, 1.0)
             lin.weight = FakeQuantWeight(w, scheme, self.scale_dtype, self.enable_minmax_tuning,
-                                         clip_range=r.clip_range, clip_init=r.clip_init, init_scale=init)
+                                         clip_range=clip, clip_init=r.clip_init, init_scale=init)
 
     def _finalize(self, i: int, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
         """Record integer codes and turn the fake-quant leaves back into float (qdq) weights."""
