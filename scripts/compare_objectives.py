@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--eval_tokens", type=int, default=4096)
     p.add_argument("--recipes", default="default,alg_ext,cosine,adam,token_norm")
     p.add_argument("--out", default="out/compare_objectives")
+    p.add_argument("--reference", default="", help="also run the torch reference (auto-round 0.16.1) for these "
+                   "comma-separated recipes among default,alg_ext, on the same tokens and blocks")
     args = p.parse_args()
     names = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = [r for r in names if r not in RECIPES]
@@ -85,6 +87,14 @@ def main() -> None:
                          loss=float(np.mean(per_block[name])), ppl=ppl, cpu_s=cpu, wall_s=wall))
         print(f"{name}: mean block loss {rows[-1]['loss']:.6g}, perplexity {ppl:.3f}, CPU {cpu:.1f} s", flush=True)
 
+    for name in [r.strip() for r in args.reference.split(",") if r.strip()]:
+        if name not in ("default", "alg_ext"):
+            raise SystemExit(f"--reference runs default and alg_ext only, not {name}")
+        ppl, cpu, wall = _run_reference(path, tok, ids, windows, args, n_layers, enable_alg_ext=name == "alg_ext")
+        rows.append(dict(recipe=f"reference {name}", loss_rtn=float("nan"), loss=float("nan"), ppl=ppl, cpu_s=cpu,
+                         wall_s=wall))
+        print(f"reference {name}: perplexity {ppl:.3f}, CPU {cpu:.1f} s", flush=True)
+
     os.makedirs(args.out, exist_ok=True)
     head = (f"{os.path.basename(os.path.normpath(path))}, {args.scheme}, first {args.blocks} of {n_layers} blocks "
             f"quantized, iters {args.iters}, nsamples {args.nsamples} x seqlen {args.seqlen}, batch {args.batch_size}, "
@@ -104,6 +114,46 @@ def main() -> None:
         json.dump(dict(settings=vars(args), ppl_float=ppl_float, ppl_rtn=ppl_rtn, rows=rows, per_block=per_block), f,
                   indent=1)
     _plot(per_block, args.out)
+
+
+def _run_reference(path, tok, ids, windows, args, n_layers: int, enable_alg_ext: bool):
+    """(perplexity, CPU s, wall s) of the reference on the same tokens, blocks >= args.blocks kept float; its export
+    is dequantized by hand and evaluated by the same JAX forward (scripts/compare_reference.py's route)."""
+    import sys
+    import tempfile
+
+    import torch
+    import transformers
+    from auto_round import AutoRound as RefAutoRound
+
+    from autoround_jax import load_model
+    from autoround_jax.evaluation import perplexity_of_windows
+    from autoround_jax.quant.scheme import SCHEMES
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from compare_reference import dequantize_reference_export
+
+    s = SCHEMES[args.scheme.upper()]
+    torch.manual_seed(42)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
+             and int(n.split(".layers.")[1].split(".")[0]) >= args.blocks]
+    data = [torch.from_numpy(row[None].astype(np.int64)) for row in np.asarray(ids)]
+    ar = RefAutoRound(model, tokenizer=tok, bits=s.bits, group_size=s.group_size, sym=s.sym, iters=args.iters,
+                      nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, dataset=data,
+                      device_map="cpu", enable_torch_compile=False, amp=False, enable_alg_ext=enable_alg_ext,
+                      layer_config={n: {"bits": 16} for n in names})
+    c0, w0 = time.process_time(), time.time()
+    ar.quantize()
+    cpu, wall = time.process_time() - c0, time.time() - w0
+    with tempfile.TemporaryDirectory() as tmp:
+        export = os.path.join(tmp, "ref")
+        ar.save_quantized(export, format="auto_round")
+        sub = next((os.path.join(export, d) for d in os.listdir(export) if os.path.isdir(os.path.join(export, d))),
+                   export)
+        folder = sub if os.path.isfile(os.path.join(sub, "config.json")) else export
+        deq = dequantize_reference_export(folder, path, os.path.join(tmp, "f"))
+        return perplexity_of_windows(load_model(deq, dtype="fp32"), windows), cpu, wall
 
 
 def _plot(per_block: dict[str, list[float]], out: str) -> None:
