@@ -2,8 +2,8 @@
 
 All `iters` iterations run inside a single `lax.fori_loop`: mini-batches are gathered on device from precomputed
 sample indices, gradients are accumulated over `gradient_accumulate_steps` micro-batches with `lax.scan`, the
-update is optax's sign step with linear decay, and best-loss tracking keeps the pre-step parameters of the best
-iteration (iteration 0 is RTN). No host round-trip per iteration; one compilation serves every block whose
+update is the recipe's optimizer (tuning/recipes.py; default: the sign step with linear decay), and best-loss
+tracking keeps the pre-step parameters of the best iteration (iteration 0 is RTN). No host round-trip per iteration; one compilation serves every block whose
 structure and shapes match (the graphdef is a static argument and hashes by structure).
 """
 
@@ -66,11 +66,6 @@ def padded_chunks(x: jax.Array, batch_size: int):
         if valid < batch_size:
             chunk = jnp.concatenate([chunk, jnp.zeros((batch_size - valid,) + chunk.shape[1:], chunk.dtype)])
         yield chunk, valid
-
-
-def _sign_sgd(lr, iters: int) -> optax.GradientTransformation:
-    """p <- p - lr * (1 - t/iters) * sign(g), the reference's SignSGD with LinearLR(1 -> 0)."""
-    return optax.chain(optax.scale_by_sign(), optax.scale_by_schedule(lambda t: -lr * (1.0 - t / iters)))
 
 
 def _clip_scales(params, bound=(0.0, 1.0)):
