@@ -42,6 +42,7 @@ from .signround import TuneSettings, padded_chunks, tune_block
 from . import alg_ext as _alg_ext  # issue 15 (research recipes, SignRoundV2, AutoScheme)
 from . import auto_scheme as _auto_scheme
 from .recipes import Recipe, make_recipe
+from .recipes import describe as describe_recipe
 from .timing import BlockTimer
 
 PRESETS = {
@@ -471,6 +472,8 @@ class AutoRound:
                          + f" ({jnp.dtype(self.compute_dtype).name} matmuls)")
         if self.auto_scheme_result is not None:  # issue 15
             lines += self.auto_scheme_result.lines()
+        if self.iters and (recipe := describe_recipe(self.recipe)):  # issue 15
+            lines.append(f"recipe: {recipe}" + (" (enable_alg_ext)" if self.enable_alg_ext else ""))
         if tuned:
             lines.append(f"mean block loss: RTN {np.mean([r.loss_rtn for r in tuned]):.6g} -> tuned "
                          f"{np.mean([r.loss_best for r in tuned]):.6g}")

@@ -131,6 +131,16 @@ class Recipe:
 DEFAULT = Recipe()
 
 
+def describe(recipe: Recipe) -> str:
+    """The fields that differ from the reference's recipe, e.g. "objective=l1, optimizer=adam" ("" for the default)."""
+    parts = []
+    for f in dataclasses.fields(Recipe):
+        value, default = getattr(recipe, f.name), getattr(DEFAULT, f.name)
+        if value != default:
+            parts.append(f"{f.name}={getattr(value, '__name__', value)}")
+    return ", ".join(parts)
+
+
 def _resolve(value, table: dict, what: str):
     if value is None:
         return None

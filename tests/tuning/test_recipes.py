@@ -173,3 +173,9 @@ def test_cli_flags(folder, tmp_path, capsys):
     assert run(["--model", folder, "--objective", "nope", "--output_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown objective 'nope'" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_describe_names_the_changed_parts():
+    assert recipes.describe(recipes.DEFAULT) == ""
+    r = recipes.make_recipe(objective="l1", optimizer="adam", clip_range=(0.0, 2.0))
+    assert recipes.describe(r) == "objective=l1, optimizer=adam, clip_range=(0.0, 2.0)"
