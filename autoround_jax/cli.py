@@ -287,6 +287,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
         if args.scheme is not None:
             raise UsageError("--scheme and --schemes cannot be used together: use only --schemes")
+        if args.group_size is not None or args.asym:
+            raise UsageError("--group_size/--asym do not apply to --schemes candidates yet: name the schemes instead "
+                             "(e.g. W2A16G64)")
         kw["scheme"] = parse_spec(args.schemes, args.bits, args.ignore_scale_zp_bits)
     elif args.bits is not None:
         if not float(args.bits).is_integer():

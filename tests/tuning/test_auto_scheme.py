@@ -113,3 +113,11 @@ def test_cli_schemes_and_aliases():
         auto_scheme.parse_spec(["W4A16"], None)
     with pytest.raises(ValueError, match="unknown scheme 'W5A16'"):
         auto_scheme.parse_spec("W4A16,W5A16", 4)
+
+
+def test_cli_schemes_refuses_overrides_in_one_line(tmp_path, capsys):
+    from autoround_jax.cli import run
+
+    assert run(["--model", str(tmp_path), "--schemes", "W2A16G64,W4A16", "--bits", "3", "--group_size", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--group_size/--asym do not apply to --schemes" in err and len(err.splitlines()) == 1
