@@ -201,7 +201,8 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default=preset,
                    help="recipe: default, best, light, rtn (plain RTN), opt-rtn (imatrix RTN)")
     p.add_argument("--scheme", default=None, help="W4A16 (default), W8A16, W3A16, W2A16, W2A16G64, W2A16G32")
-    p.add_argument("--bits", type=int, default=None)
+    p.add_argument("--bits", type=float, default=None,
+                   help="weight bits; with --schemes, the average target bits of AutoScheme (e.g. 3.0)")
     p.add_argument("--group_size", type=int, default=None)
     p.add_argument("--asym", action="store_true")
     p.add_argument("--iters", "--iter", type=int, default=None)
@@ -253,7 +254,28 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, default=None)
     p.add_argument("--include_path", default=None, help="folder of local lm-eval task YAMLs")
     p.add_argument("--enable_torch_compile", action="store_true", help=argparse.SUPPRESS)
+    # -- issue 15: research recipes (tuning/recipes.py) and SignRoundV2 --
+    p.add_argument("--objective", default=None, help="block loss by name (tuning/recipes.py OBJECTIVES; default mse)")
+    p.add_argument("--optimizer", default=None, help="optimizer by name (tuning/recipes.py OPTIMIZERS; default signsgd)")
+    p.add_argument("--enable_alg_ext", action="store_true",
+                   help="SignRoundV2 for sym int schemes: imatrix-searched init scale, clip scales in [0, 2], "
+                        "outlier-dropping loss under 4 bits")
+    p.add_argument("--schemes", nargs="+", default=None,
+                   help="AutoScheme candidates, e.g. W2A16G64,W4A16,W8A16; --bits is then the average target")
+    p.add_argument("--avg_bits", "--target_bits", dest="bits", type=float, action=_DeprecatedAlias, help=argparse.SUPPRESS)
+    p.add_argument("--options", "--option", dest="schemes", nargs="+", action=_DeprecatedAlias, help=argparse.SUPPRESS)
+    p.add_argument("--ignore_scale_zp_bits", action="store_true",
+                   help="AutoScheme: do not count scale and zero-point bits against the budget")
     return p
+
+
+class _DeprecatedAlias(argparse.Action):
+    """--avg_bits/--target_bits and --options/--option: the reference's deprecated spellings of --bits/--schemes."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        canonical = "--bits" if self.dest == "bits" else "--schemes"
+        warnings.warn(f"{option_string} is deprecated: use {canonical}")
+        setattr(namespace, self.dest, values)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -277,9 +299,21 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, amp=not args.disable_amp, scheme=args.scheme,
         disable_opt_rtn=pick("disable_opt_rtn"), mesh=args.mesh, device_map=args.device,
         low_gpu_mem_usage=args.low_gpu_mem_usage, low_cpu_mem_usage=args.low_cpu_mem_usage,
+        objective=args.objective, optimizer=args.optimizer, enable_alg_ext=args.enable_alg_ext,  # issue 15
     )
-    if args.bits is not None:
-        kw["bits"] = args.bits
+    if args.schemes is not None:  # issue 15: AutoScheme, the candidates and --bits as the average target
+        from .tuning.auto_scheme import parse_spec
+
+        if args.scheme is not None:
+            raise UsageError("--scheme and --schemes cannot be used together: use only --schemes")
+        if args.group_size is not None or args.asym:
+            raise UsageError("--group_size/--asym do not apply to --schemes candidates yet: name the schemes instead "
+                             "(e.g. W2A16G64)")
+        kw["scheme"] = parse_spec(args.schemes, args.bits, args.ignore_scale_zp_bits)
+    elif args.bits is not None:
+        if not float(args.bits).is_integer():
+            raise UsageError(f"--bits {args.bits} must be an integer: use --schemes for a fractional average target")
+        kw["bits"] = int(args.bits)
     if args.group_size is not None:
         kw["group_size"] = args.group_size
     if args.asym:

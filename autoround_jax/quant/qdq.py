@@ -108,10 +108,20 @@ def _scale_thresh(scale_dtype) -> float:
     return 1e-8 if jnp.dtype(scale_dtype) == jnp.float32 else 1e-5
 
 
-def _clip_minmax_scale(p: jax.Array) -> jax.Array:
-    """Value clamped to [0, 1], gradient untouched: the reference clamps `.data` in place before each use."""
-    lo, hi = MINMAX_SCALE_BOUND
+def _clip_minmax_scale(p: jax.Array, bound: tuple[float, float] = MINMAX_SCALE_BOUND) -> jax.Array:
+    """Value clamped to `bound` ([0, 1]; SignRoundV2: [0, 2]), gradient untouched: the reference clamps `.data` in
+    place before each use."""
+    lo, hi = bound
     return p + jax.lax.stop_gradient(jnp.clip(p, lo, hi) - p)
+
+
+def _init_scale_sym(init_scale, max_scale, bits, scale_dtype):
+    """SignRoundV2's sym scale (int.py quant_tensor_sym with init_scale): the searched init scale times max_scale,
+    cast to scale_dtype, magnitude floored at the threshold; min_scale is not used."""
+    scale = (init_scale * max_scale).astype(scale_dtype)
+    t = _scale_thresh(scale_dtype)
+    scale = jnp.where(scale < 0, clamp_ste(scale, -jnp.inf, -t), clamp_ste(scale, t, jnp.inf))
+    return scale, jnp.full_like(scale, 2 ** (bits - 1), dtype=jnp.float32)
 
 
 def _sym_scale(wmin0, wmax0, min_scale, max_scale, bits, scale_dtype):
@@ -136,7 +146,8 @@ def _asym_scale(wmin0, wmax0, min_scale, max_scale, bits, scale_dtype):
     return scale, round_ste(_exact_div(-wmin, scale))
 
 
-def _quantize_grouped(w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0):
+def _quantize_grouped(w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0,
+                      minmax_bound=MINMAX_SCALE_BOUND, init_scale=None):
     """Shared core: (pad, scale [M], zp [M], q [M, G]) with q the clamped unsigned code as a float.
 
     Sym is written as clamp(round(W/s + V) + 2^(b-1), 0, 2^b - 1) - 2^(b-1), which equals the reference's
@@ -146,15 +157,21 @@ def _quantize_grouped(w, v, min_scale, max_scale, bits, group_size, sym, scale_d
     wg, pad = group_reshape(w, group_size)
     if wmin0 is None or wmax0 is None:
         wmin0, wmax0 = minmax_init(w, group_size)
-    scale_fn = _sym_scale if sym else _asym_scale
-    scale, zp = scale_fn(
-        wmin0, wmax0, _clip_minmax_scale(min_scale), _clip_minmax_scale(max_scale), bits, scale_dtype
-    )
+    if init_scale is not None:
+        if not sym:
+            raise ValueError("init_scale (SignRoundV2's searched scale) exists for sym schemes only")
+        scale, zp = _init_scale_sym(init_scale, _clip_minmax_scale(max_scale, minmax_bound), bits, scale_dtype)
+    else:
+        scale_fn = _sym_scale if sym else _asym_scale
+        scale, zp = scale_fn(
+            wmin0, wmax0, _clip_minmax_scale(min_scale, minmax_bound), _clip_minmax_scale(max_scale, minmax_bound),
+            bits, scale_dtype
+        )
     q = clamp_ste(round_ste(_exact_div(wg, scale[:, None]) + v) + zp[:, None], 0, 2**bits - 1)
     return pad, scale, zp, q
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "scale_dtype"))
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "scale_dtype", "minmax_bound"))
 def qdq(
     w: jax.Array,
     v: jax.Array,
@@ -167,18 +184,22 @@ def qdq(
     scale_dtype=jnp.float16,
     wmin0: jax.Array | None = None,
     wmax0: jax.Array | None = None,
+    minmax_bound: tuple[float, float] = MINMAX_SCALE_BOUND,
+    init_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Fake-quantize W[N, K] as the reference's tuned WrapperLinear does; differentiable in v, min/max_scale.
 
     v: [N*ng, G] rounding offset (init 0); min_scale, max_scale: [N*ng] (init 1), clamped to [0, 1] in value only.
     Dtypes promote as in torch: pass float32 params (as WrapperLinear does). wmin0/wmax0 default to
-    minmax_init(w) and should be that, computed once from the float weight, while tuning.
+    minmax_init(w) and should be that, computed once from the float weight, while tuning. minmax_bound: the value
+    range of the clip scales; init_scale [N*ng] (sym only): SignRoundV2's searched scale, then scale =
+    init_scale * max_scale and wmin0/wmax0/min_scale are unused.
     Returns (W~ [N, K] in w.dtype, scale [N, ng] float32 (scale_dtype values, signed for sym),
     zp [N, ng] float32 (2^(b-1) for sym)).
     """
     n, k = w.shape
     pad, scale, zp, q = _quantize_grouped(
-        w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0
+        w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0, minmax_bound, init_scale
     )
     w_qdq = (scale[:, None] * (q - zp[:, None])).astype(w.dtype)
     return (
@@ -210,7 +231,7 @@ class QuantizedWeight:
     sym: bool
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "scale_dtype"))
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "scale_dtype", "minmax_bound"))
 def quantize_to_codes(
     w: jax.Array,
     v: jax.Array,
@@ -223,6 +244,8 @@ def quantize_to_codes(
     scale_dtype=jnp.float16,
     wmin0: jax.Array | None = None,
     wmax0: jax.Array | None = None,
+    minmax_bound: tuple[float, float] = MINMAX_SCALE_BOUND,
+    init_scale: jax.Array | None = None,
 ) -> QuantizedWeight:
     """Same quantization as qdq (same arguments), as the integer codes, scales and zeros the exporter writes.
 
@@ -232,7 +255,7 @@ def quantize_to_codes(
     """
     n, k = w.shape
     pad, scale, zp, q = _quantize_grouped(
-        w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0
+        w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0, minmax_bound, init_scale
     )
     w_qdq = (scale[:, None] * (q - zp[:, None])).astype(w.dtype)
     codes = jnp.clip(jnp.round(_exact_div(w_qdq, scale[:, None]) + zp[:, None]), 0, 2**bits - 1)

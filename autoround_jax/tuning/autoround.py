@@ -42,6 +42,10 @@ from .forward import apply_block, apply_block_host, apply_block_sharded, to_host
 from .mesh import axis_size, check_batch, describe, make_mesh, per_device_memory, put_rows, replicated
 from .resume import RESUME_ENV, Resumer, run_settings
 from .signround import TuneSettings, tune_block
+from . import alg_ext as _alg_ext  # issue 15 (research recipes, SignRoundV2, AutoScheme)
+from . import auto_scheme as _auto_scheme
+from .recipes import Recipe, make_recipe
+from .recipes import describe as describe_recipe
 from .timing import BlockTimer, peak_host_gb
 
 PRESETS = {
@@ -112,7 +116,7 @@ class AutoRound:
         scale_dtype: str = "fp16",
         model_dtype: str = "auto",
         amp: bool = True,
-        scheme: str | None = None,
+        scheme: "str | _auto_scheme.AutoSchemeSpec | None" = None,
         disable_opt_rtn: bool | None = None,
         enable_opt_rtn: bool | None = None,
         progress: bool = True,
@@ -122,10 +126,23 @@ class AutoRound:
         low_cpu_mem_usage: bool = True,
         resume_dir: str | None = None,
         resume: bool = True,
+        objective=None,
+        optimizer=None,
+        recipe: Recipe | None = None,
+        enable_alg_ext: bool = False,
         **unsupported: Any,
     ):
         if unsupported:
             warnings.warn(f"ignored options not implemented in autoround-jax: {', '.join(sorted(unsupported))}")
+        # -- issue 15: AutoScheme (mixed bits): the candidates' first scheme is the default, as the reference --
+        self.auto_scheme = scheme if isinstance(scheme, _auto_scheme.AutoSchemeSpec) else None
+        self.auto_scheme_result = None
+        if self.auto_scheme is not None:
+            if layer_config:
+                raise ValueError("layer_config together with AutoScheme is not supported yet: drop one of them")
+            first = self.auto_scheme.options[0]
+            bits, group_size, sym, scheme = first.bits, first.group_size, first.sym, None
+        # -- end issue 15 --
         if scheme is not None:
             if scheme.upper() not in SCHEMES:
                 raise ValueError(f"unknown scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
@@ -155,6 +172,12 @@ class AutoRound:
         self.low_cpu_mem_usage = bool(low_cpu_mem_usage)
         self._stream = None  # the StreamingExport of a quantize_and_save run
         self._streamed_to: str | None = None
+        # -- issue 15: the research recipe (tuning/recipes.py) and SignRoundV2 (tuning/alg_ext.py) --
+        self.recipe = make_recipe(recipe, objective=objective, optimizer=optimizer)
+        self.enable_alg_ext = bool(enable_alg_ext)
+        if self.enable_alg_ext:
+            self.recipe = _alg_ext.alg_ext_recipe(self.recipe, self.default_scheme, keep_objective=objective is not None)
+        # -- end issue 15 --
         # amp as the reference: bf16 matmul operands (f32 accumulation) on accelerators and on CPUs with bf16 units,
         # fp32 elsewhere. V, the clip scales, the qdq and the loss stay fp32 either way (models/precision.py).
         self.amp = bool(amp)
@@ -217,11 +240,20 @@ class AutoRound:
             return self.source.block(i, dtype)
         return self.source.block(i, dtype, mesh=self.mesh)
 
-    def _to_fake_quant(self, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
+    def _to_fake_quant(self, block: DecoderBlock, schemes: dict[str, LayerScheme], imatrix=None) -> None:
+        """imatrix {name: sum of x^2 [K]}: given when the recipe's init is "search" (SignRoundV2)."""
+        r = self.recipe
         for name, scheme in schemes.items():
             lin = module_at(block, name)
             w = lin.weight.w[...].astype(jnp.float32)
-            lin.weight = FakeQuantWeight(w, scheme, self.scale_dtype, self.enable_minmax_tuning)
+            init, clip = None, r.clip_range
+            if r.init == "search":  # SignRoundV2: sym int layers only; others (the reference refuses them) as plain
+                if _alg_ext.applies(scheme):
+                    init = _alg_ext.init_scale(lin.weight.w[...], imatrix.get(name), scheme, self.scale_dtype)
+                else:
+                    clip = (0.0, 1.0)
+            lin.weight = FakeQuantWeight(w, scheme, self.scale_dtype, self.enable_minmax_tuning,
+                                         clip_range=clip, clip_init=r.clip_init, init_scale=init)
         if self.mesh is not None:  # V, clip scales and their init follow the weights' fsdp sharding
             state = nnx.state(block)
             nnx.update(block, jax.jit(lambda s: s, out_shardings=leaf_shardings(state, self.mesh, "layers.0."))(state))
@@ -252,9 +284,17 @@ class AutoRound:
         self._quantize()
         return self.model(), self.layer_config
 
+    def _choose_schemes(self) -> None:
+        """AutoScheme: the per-layer schemes, chosen once before any block is quantized (or streamed)."""
+        if self.auto_scheme is not None and self.auto_scheme_result is None:  # issue 15: per-layer schemes first
+            self.auto_scheme_result = _auto_scheme.run_auto_scheme(
+                self.source.model(), self.layer_config, self.auto_scheme, self.calibration(), self.batch_size)
+            self.layer_config.update(self.auto_scheme_result.choices)
+
     def _quantize(self) -> None:
         validate_before_tuning(self)  # non-finite embedding/norm/head, vocab mismatch, dataset spec: before any block
         t_start = time.time()
+        self._choose_schemes()
         try:
             self._run_pipeline()
         except jax.errors.JaxRuntimeError as e:
@@ -410,14 +450,22 @@ class AutoRound:
             timer = BlockTimer()
             block = self._load_block(i)
             timer.lap("io", nnx.state(block))
-            y_fp = self._forward(block, x_fp, cos, sin, mask)
-            timer.lap("forward", y_fp)
             schemes = self._block_schemes(i)
+            imatrix = None
+            if self.recipe.init == "search" and schemes:  # SignRoundV2: the imatrix of the float block's inputs
+                y_fp, imatrix = collect_block_imatrix(block, list(schemes), x_fp, cos, sin, mask, bs)
+                if isinstance(x_fp, np.ndarray):  # low_gpu_mem_usage: back to host memory
+                    y_fp = to_host(y_fp)
+                elif self.mesh is not None:  # back onto the data shards
+                    y_fp = jax.device_put(y_fp, x_fp.sharding)
+            else:
+                y_fp = self._forward(block, x_fp, cos, sin, mask)
+            timer.lap("forward", y_fp)
             report = BlockReport(i, None, None, None, 0.0)
             if schemes:
-                self._to_fake_quant(block, schemes)
+                self._to_fake_quant(block, schemes, imatrix)
                 r = tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng, mesh=self.mesh, nsamples=n,
-                               host_chunk=HOST_CHUNK_ITERS)
+                               host_chunk=HOST_CHUNK_ITERS, recipe=self.recipe)
                 timer.lap("step")
                 report.loss_rtn, report.loss_best, report.best_iter = r.loss_rtn, r.loss_best, r.best_iter
                 self._finalize(i, block, schemes)
@@ -523,6 +571,7 @@ class AutoRound:
             _sync("export")
             self._streamed_to = os.path.abspath(output_dir)
             return self._streamed_to
+        self._choose_schemes()  # the export's packing depends on every layer's scheme
         with StreamingExport(output_dir, format, overwrite) as export:
             export.start(self._result(with_summary=False, allow_empty=True))
             self._stream = export
@@ -554,6 +603,8 @@ class AutoRound:
                             enable_quanted_input=self.enable_quanted_input,
                             gradient_accumulate_steps=self.gradient_accumulate_steps, lr=self.lr,
                             minmax_lr=self.minmax_lr)
+            if self.enable_alg_ext:  # issue 15: recorded only when on, so default exports stay byte-identical
+                settings.update(enable_alg_ext=True)
         return QuantizedModel(self.config, dict(self.source.hf_config), self.source.reader, np.dtype(self.model_dtype),
                               self.default_scheme, dict(self.layer_config), self.quantized, settings, self.source.path,
                               reports=list(self.reports), summary=self.summary() if with_summary else "",
@@ -614,6 +665,10 @@ class AutoRound:
         if splits:
             lines.append("time split: " + ", ".join(f"{p} {sum(sp[p] for sp in splits):.1f} s" for p in PHASES)
                          + f" ({jnp.dtype(self.compute_dtype).name} matmuls)")
+        if self.auto_scheme_result is not None:  # issue 15
+            lines += self.auto_scheme_result.lines()
+        if self.iters and (recipe := describe_recipe(self.recipe)):  # issue 15
+            lines.append(f"recipe: {recipe}" + (" (enable_alg_ext)" if self.enable_alg_ext else ""))
         if tuned:
             lines.append(f"mean block loss: RTN {np.mean([r.loss_rtn for r in tuned]):.6g} -> tuned "
                          f"{np.mean([r.loss_best for r in tuned]):.6g}")

@@ -13,7 +13,8 @@ from flax import nnx
 
 from ..models.precision import linear
 from ..quant.scheme import LayerScheme
-from ..quant.qdq import QuantizedWeight, group_len, minmax_init, num_groups, qdq, quantize_to_codes
+from ..quant.qdq import (MINMAX_SCALE_BOUND, QuantizedWeight, group_len, minmax_init, num_groups, qdq,
+                         quantize_to_codes)
 
 
 class Frozen(nnx.Variable):
@@ -25,13 +26,17 @@ class Rounding(nnx.Param):
 
 
 class ClipScale(nnx.Param):
-    """min/max clip scales per group (init 1, kept in [0, 1]), trained with minmax_lr."""
+    """min/max clip scales per group (init 1, kept in [0, 1] by default), trained with minmax_lr."""
 
 
 class FakeQuantWeight(nnx.Module):
     """x @ qdq(W, V, min_scale, max_scale).T, differentiable in V and the clip scales."""
 
-    def __init__(self, w: jax.Array, scheme: LayerScheme, scale_dtype=jnp.float16, tune_minmax: bool = True):
+    def __init__(self, w: jax.Array, scheme: LayerScheme, scale_dtype=jnp.float16, tune_minmax: bool = True,
+                 clip_range: tuple[float, float] = MINMAX_SCALE_BOUND, clip_init: float = 1.0,
+                 init_scale: jax.Array | None = None):
+        """clip_range, clip_init: the clip scales' value range and initial value (tuning/recipes.py); init_scale
+        [N*ng]: SignRoundV2's searched sym scale (the scale is then init_scale x max_scale)."""
         n, k = w.shape
         rows = n * num_groups(k, scheme.group_size)
         wmin0, wmax0 = minmax_init(w, scheme.group_size)
@@ -39,8 +44,10 @@ class FakeQuantWeight(nnx.Module):
         self.wmin0, self.wmax0 = Frozen(wmin0), Frozen(wmax0)
         self.v = Rounding(jnp.zeros((rows, group_len(k, scheme.group_size)), jnp.float32))
         scale_var = ClipScale if tune_minmax else Frozen
-        self.min_scale = scale_var(jnp.ones((rows,), jnp.float32))
-        self.max_scale = scale_var(jnp.ones((rows,), jnp.float32))
+        self.min_scale = scale_var(jnp.full((rows,), clip_init, jnp.float32))
+        self.max_scale = scale_var(jnp.full((rows,), clip_init, jnp.float32))
+        self.init_scale = None if init_scale is None else Frozen(jnp.asarray(init_scale, jnp.float32))
+        self.clip_range = tuple(float(b) for b in clip_range)
         self.scheme = scheme
         self.scale_dtype = jnp.dtype(scale_dtype)
 
@@ -52,7 +59,8 @@ class FakeQuantWeight(nnx.Module):
         s = self.scheme
         return (self.w[...], self.v[...], self.min_scale[...], self.max_scale[...]), dict(
             bits=s.bits, group_size=s.group_size, sym=s.sym, scale_dtype=self.scale_dtype,
-            wmin0=self.wmin0[...], wmax0=self.wmax0[...],
+            wmin0=self.wmin0[...], wmax0=self.wmax0[...], minmax_bound=self.clip_range,
+            init_scale=None if self.init_scale is None else self.init_scale[...],
         )
 
     def dequantize(self) -> jax.Array:

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .fake_quant import ClipScale, Rounding
 from .mesh import take_rows
+from .recipes import DEFAULT, Recipe
 
 TRACE_COUNT = {"tune": 0}  # incremented at trace time only: tests use it to prove one compile per block shape
 
@@ -69,26 +70,25 @@ def padded_chunks(x: jax.Array, batch_size: int):
         yield chunk, valid
 
 
-def _sign_sgd(lr, iters: int) -> optax.GradientTransformation:
-    """p <- p - lr * (1 - t/iters) * sign(g), the reference's SignSGD with LinearLR(1 -> 0)."""
-    return optax.chain(optax.scale_by_sign(), optax.scale_by_schedule(lambda t: -lr * (1.0 - t / iters)))
+def _clip_scales(params, bound=(0.0, 1.0)):
+    """min/max scales live in [0, 1] (the recipe's clip_range): the reference clamps them in place before every use."""
+    return jax.tree.map(lambda p: jnp.clip(p, *bound), params)
 
 
-def _clip_scales(params):
-    """min/max scales live in [0, 1]: the reference clamps them in place before every use."""
-    return jax.tree.map(lambda p: jnp.clip(p, 0.0, 1.0), params)
+def _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, *, iters, batch_size, gas, not_use_best_mse,
+               recipe: Recipe = DEFAULT):
+    """One SignRound iteration as a fori_loop body; fetch(i, j) -> (x_q, y_fp) rows of iteration i's micro-batch j.
 
-
-def _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, *, iters, batch_size, gas, not_use_best_mse):
-    """One SignRound iteration as a fori_loop body; fetch(i, j) -> (x_q, y_fp) rows of iteration i's micro-batch j."""
-    tx_v, tx_s = _sign_sgd(lr, iters), _sign_sgd(minmax_lr, iters)
+    recipe (tuning/recipes.py): objective, optimizers, clip range, iteration selection; static and hashable."""
+    tx_v, tx_s = recipe.optimizer(lr, iters), recipe.minmax_tx(minmax_lr, iters)
+    not_use_best_mse = not_use_best_mse or recipe.select == "last"
 
     def loss_fn(params, xb, yb):
         # The reference (0.16) leaves each sample's last position out of the loss: it has no next-token target.
         keep = (jnp.arange(xb.shape[1]) < xb.shape[1] - 1).astype(jnp.float32)[None, :, None]
         block = nnx.merge(graphdef, params[0], params[1], rest)
         out = block(xb, cos, sin, mask)[0]
-        return jnp.mean(jnp.square((out.astype(jnp.float32) - yb.astype(jnp.float32)) * keep))
+        return recipe.objective(out, yb, keep)
 
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -111,7 +111,8 @@ def _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, *, iters, b
         best_iter = jnp.where(take, i, best_iter)
         loss0 = jnp.where(i == 0, loss, loss0)
         uv, sv = tx_v.update(grads[0], opt_state[0]), tx_s.update(grads[1], opt_state[1])
-        new_params = (optax.apply_updates(params[0], uv[0]), _clip_scales(optax.apply_updates(params[1], sv[0])))
+        new_params = (optax.apply_updates(params[0], uv[0]), _clip_scales(optax.apply_updates(params[1], sv[0]),
+                                                                                   recipe.clip_range))
         return new_params, (uv[1], sv[1]), best, best_loss, best_iter, loss0
 
     def init(rounding, scales):
@@ -122,12 +123,12 @@ def _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, *, iters, b
     return body, init
 
 
-_STATIC = ("graphdef", "iters", "batch_size", "gas", "not_use_best_mse", "mesh")
+_STATIC = ("graphdef", "iters", "batch_size", "gas", "not_use_best_mse", "mesh", "recipe")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, lr, minmax_lr, *,
-          iters, batch_size, gas, not_use_best_mse, mesh=None):
+          iters, batch_size, gas, not_use_best_mse, mesh=None, recipe: Recipe = DEFAULT):
     """Every iteration in one fori_loop; mini-batches gathered on device (over the data shards on a mesh)."""
     TRACE_COUNT["tune"] += 1
 
@@ -136,14 +137,14 @@ def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, 
         return take_rows(x_q, idx, mesh), take_rows(y_fp, idx, mesh)
 
     body, init = _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, iters=iters,
-                            batch_size=batch_size, gas=gas, not_use_best_mse=not_use_best_mse)
+                            batch_size=batch_size, gas=gas, not_use_best_mse=not_use_best_mse, recipe=recipe)
     _, _, best, best_loss, best_iter, loss0 = jax.lax.fori_loop(0, iters, body, init(rounding, scales))
     return best, loss0, best_loss, best_iter
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _tune_chunk(graphdef, carry, rest, xb, yb, start, cos, sin, mask, lr, minmax_lr, *,
-                iters, batch_size, gas, not_use_best_mse, mesh=None):
+                iters, batch_size, gas, not_use_best_mse, mesh=None, recipe: Recipe = DEFAULT):
     """Iterations start .. start+k-1 on mini-batches brought from host memory: xb, yb [k, gas, batch_size, T, D]."""
     TRACE_COUNT["tune"] += 1
 
@@ -154,20 +155,20 @@ def _tune_chunk(graphdef, carry, rest, xb, yb, start, cos, sin, mask, lr, minmax
         return pick(xb), pick(yb)
 
     body, _ = _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, iters=iters,
-                         batch_size=batch_size, gas=gas, not_use_best_mse=not_use_best_mse)
+                         batch_size=batch_size, gas=gas, not_use_best_mse=not_use_best_mse, recipe=recipe)
     return jax.lax.fori_loop(start, start + xb.shape[0], body, carry)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _tune_init(graphdef, rounding, scales, rest, cos, sin, mask, lr, minmax_lr, *,
-               iters, batch_size, gas, not_use_best_mse, mesh=None):
+               iters, batch_size, gas, not_use_best_mse, mesh=None, recipe: Recipe = DEFAULT):
     _, init = _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, None, iters=iters,
-                         batch_size=batch_size, gas=gas, not_use_best_mse=not_use_best_mse)
+                         batch_size=batch_size, gas=gas, not_use_best_mse=not_use_best_mse, recipe=recipe)
     return init(rounding, scales)
 
 
 def tune_block(block: nnx.Module, x_q, y_fp, cos, sin, mask, settings: TuneSettings, rng: random.Random,
-               mesh=None, nsamples: int | None = None, host_chunk: int = 0) -> TuneResult:
+               mesh=None, nsamples: int | None = None, host_chunk: int = 0, recipe: Recipe = DEFAULT) -> TuneResult:
     """Optimise the fake-quant leaves of `block` in place (V and clip scales end at the best iteration's values).
 
     x_q, y_fp: [nsamples, T, D] tuned inputs and float targets (device arrays, sharded over `data` on a mesh, maybe
@@ -181,7 +182,7 @@ def tune_block(block: nnx.Module, x_q, y_fp, cos, sin, mask, settings: TuneSetti
     global_batch = s.batch_size * s.gradient_accumulate_steps
     idx = sample_indices(nsamples or x_q.shape[0], global_batch, s.iters, rng)
     static = dict(iters=s.iters, batch_size=s.batch_size, gas=s.gradient_accumulate_steps,
-                  not_use_best_mse=s.not_use_best_mse, mesh=mesh)
+                  not_use_best_mse=s.not_use_best_mse, mesh=mesh, recipe=recipe)
     lr, minmax_lr = jnp.float32(s.lr), jnp.float32(s.minmax_lr)
     if isinstance(x_q, np.ndarray):
         best, loss0, best_loss, best_iter = _tune_from_host(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin,
