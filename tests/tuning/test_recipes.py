@@ -78,8 +78,9 @@ def test_default_recipe_exports_the_pre_recipe_tuner_bytes(folder, ids, base, tm
     old_qdq = _old_module("autoround_jax/quant/qdq.py", "_qdq_pre_recipes", "autoround_jax.quant")
     assert "recipe" not in old_sr._tune.__wrapped__.__code__.co_varnames  # really the old loop
 
-    def old_tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng, recipe):
-        assert recipe == recipes.DEFAULT
+    def old_tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng, mesh=None, nsamples=None, host_chunk=0,
+                       recipe=recipes.DEFAULT):
+        assert recipe == recipes.DEFAULT and mesh is None and nsamples == x_q.shape[0]  # one device, no padding
         return old_sr.tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng)
 
     def old(fn):
