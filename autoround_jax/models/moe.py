@@ -1,0 +1,146 @@
+"""The sparse mixture-of-experts MLP of Qwen3-MoE and Qwen2-MoE: a float router, experts stored stacked, a grouped
+matmul over tokens sorted by expert, and (Qwen2-MoE) a shared expert behind a sigmoid gate.
+
+Each of the experts' three projections is one `StackedLinear` whose weight leaf holds all E experts along a leading
+axis ([E, out, in]). Any leaf type works stacked (float, fake-quant, packed int): a leaf built for one expert is
+stacked with `stack_leaves` (the arrays of E equal-structured leaves stacked along a new axis), and
+`stacked_weight` dequantizes all experts at once by vmapping the leaf's own `dequantize`. So a fake-quant leaf of
+shape [E, out, in] quantizes each expert exactly as E separate [out, in] linears (groups along the input axis).
+
+The grouped matmul is `jax.lax.ragged_dot_general`: on GPU/TPU XLA has a native ragged dot; XLA:CPU lowers it to a
+masked dense product over all experts (E times the FLOPs of the routed tokens), exact but slow for many experts.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .layers import FloatWeight, Linear
+
+# x [M, in] against w [E, out, in] with rows of x grouped by expert: contract x's dim 1 with w's dim 2.
+_RAGGED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+class MixedExpertSchemes(ValueError):
+    """The experts of one stacked projection got different quantization schemes (one leaf holds them all)."""
+
+
+class StackedLinear(nnx.Module):
+    """One projection of all experts: a weight leaf whose arrays carry a leading expert axis."""
+
+    def __init__(self, weight: nnx.Module):
+        self.weight = weight
+
+    @property
+    def num_experts(self) -> int:
+        return int(jax.tree.leaves(nnx.state(self.weight))[0].shape[0])
+
+    def stacked_weight(self) -> jax.Array:
+        """All experts' weights [E, out, in] as the leaf computes them (qdq for fake-quant, decoded for packed)."""
+        if isinstance(self.weight, FloatWeight):
+            return self.weight.w[...]
+        graphdef, state = nnx.split(self.weight)
+        return jax.vmap(lambda s: nnx.merge(graphdef, s).dequantize())(state)
+
+
+def stack_leaves(leaves: Sequence[nnx.Module], name: str = "experts") -> nnx.Module:
+    """E leaves of one structure (one per expert) -> one leaf whose arrays are stacked along a new leading axis."""
+    if any(leaf is None for leaf in leaves):
+        raise MixedExpertSchemes(f"{name}: some experts of one projection are quantized and some float; quantize all "
+                                 "experts of a layer or none (fp_layers/layer_config on every expert)")
+    splits = [nnx.split(leaf) for leaf in leaves]
+    graphdef = splits[0][0]
+    if any(g != graphdef for g, _ in splits[1:]):
+        raise MixedExpertSchemes(f"{name}: every expert of one projection must share one quantization scheme (and "
+                                 "all be quantized or all float); give all experts of a layer the same layer_config")
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in splits])
+    return nnx.merge(graphdef, state)
+
+
+def unstack_leaf(leaf: nnx.Module, e: int) -> nnx.Module:
+    """Expert e's own leaf out of a stacked one (the inverse of stack_leaves for one index)."""
+    graphdef, state = nnx.split(leaf)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[e], state))
+
+
+def _grouped(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [M, in] (rows sorted by expert) @ w[e].T for each row's expert e; f32 accumulation, result in x's dtype."""
+    y = jax.lax.ragged_dot_general(x, w.astype(x.dtype), group_sizes, _RAGGED, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+def route(logits: jax.Array, top_k: int, norm_topk_prob: bool, route_all: bool = False):
+    """(expert indices [T, k], weights [T, k] in logits' dtype) as transformers' TopKRouter: softmax in fp32, top-k,
+    optional renormalization. route_all: the reference's AR_FORCE_MOE_ROUTING_ALL_EXPERTS, token-slot pair p goes
+    to expert p mod E (every expert sees tokens) with its softmax probability as weight (renormalized likewise)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    t, n_exp = probs.shape
+    if route_all:
+        idx = (jnp.arange(t * top_k, dtype=jnp.int32) % n_exp).reshape(t, top_k)
+        w = jnp.take_along_axis(probs, idx, axis=-1)
+        if norm_topk_prob:
+            w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
+        return idx, w.astype(logits.dtype)
+    w, idx = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        w = w / w.sum(axis=-1, keepdims=True)
+    return idx, w.astype(logits.dtype)
+
+
+def experts_forward(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
+                    down: jax.Array) -> jax.Array:
+    """sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = idx[t, k]: the T*k (token, expert)
+    pairs sorted by expert, three grouped matmuls, then gathered back and summed over k. x [T, D]."""
+    t, k = idx.shape
+    n_exp = gate.shape[0]
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)
+    xs = x[order // k]
+    h = jax.nn.silu(_grouped(xs, gate, group_sizes)) * _grouped(xs, up, group_sizes)
+    ys = _grouped(h, down, group_sizes) * weights.reshape(-1)[order][:, None]
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))
+    return ys[inverse].reshape(t, k, -1).sum(axis=1)
+
+
+class Experts(nnx.Module):
+    """The experts' three projections, each stacked over experts (named as transformers names the module)."""
+
+    def __init__(self, e: int, d: int, i: int, dtype):
+        self.gate_proj = StackedLinear(FloatWeight(jnp.zeros((e, i, d), dtype)))
+        self.up_proj = StackedLinear(FloatWeight(jnp.zeros((e, i, d), dtype)))
+        self.down_proj = StackedLinear(FloatWeight(jnp.zeros((e, d, i), dtype)))
+
+
+class SparseMoE(nnx.Module):
+    """Router (mlp.gate, float), stacked experts (mlp.experts.{gate,up,down}_proj), optional shared expert."""
+
+    def __init__(self, cfg, dtype, shared_expert: nnx.Module | None = None):
+        e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.route_all = False  # set by the tuner for --moe_route_all_experts (calibration only)
+        self.gate = Linear(FloatWeight(jnp.zeros((e, d), dtype)))
+        self.experts = Experts(e, d, i, dtype)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = (Linear(FloatWeight(jnp.zeros((1, d), dtype))) if shared_expert is not None
+                                   else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        idx, w = route(self.gate(x2), self.top_k, self.norm_topk_prob, self.route_all)
+        ex = self.experts
+        out = experts_forward(x2, idx, w, ex.gate_proj.stacked_weight(), ex.up_proj.stacked_weight(),
+                              ex.down_proj.stacked_weight())
+        if self.shared_expert is not None:
+            out = out + jax.nn.sigmoid(self.shared_expert_gate(x2)) * self.shared_expert(x2)
+        return out.reshape(shape)
+
+
+__all__ = ["MixedExpertSchemes", "SparseMoE", "StackedLinear", "experts_forward", "route", "stack_leaves",
+           "unstack_leaf"]
