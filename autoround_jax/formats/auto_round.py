@@ -25,12 +25,13 @@ import numpy as np
 from ..io.hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
 from ..io.safetensors_io import CheckpointError
 from ..models.config import ModelConfig
-from ..models.params_table import BLOCK_TENSORS, GLOBAL_TENSORS, block_prefix, linear_shape
+from ..models.params_table import GLOBAL_TENSORS, block_prefix, block_tensors, linear_shape
 from ..models.quantized import QuantizedModel
 from ..quant.pack import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
 from ..quant.qdq import QuantizedWeight, group_len, num_groups
 from ..quant.scheme import LayerScheme
 from ..version import __version__
+from .moe_config import router_extra_config
 from .report import write_report
 
 
@@ -159,7 +160,7 @@ def _extra_config(qm: QuantizedModel) -> dict[str, dict[str, Any]]:
         d = dict(FLOAT_LAYER) if s is None else _neq(s, qm.scheme)
         if d:
             out[name] = d
-    return out
+    return {**out, **router_extra_config(qm.config)}  # MoE routers, as the reference records them
 
 
 def _gptq_keys(qm: QuantizedModel) -> dict[str, Any]:
@@ -229,7 +230,7 @@ def iter_tensors(qm: QuantizedModel, linear: Callable[[QuantizedWeight], dict[st
             yield spec.name, _float(qm, spec.name)
     for i in range(cfg.num_layers):
         p = block_prefix(i)
-        for spec in BLOCK_TENSORS:
+        for spec in block_tensors(cfg, i):  # MoE: per-expert names; routers (role "router") stay float
             if not spec.present(cfg):
                 continue
             full = p + spec.name

@@ -38,6 +38,7 @@ from ..quant.scheme import SCHEMES, LayerScheme
 from .fake_quant import FakeQuantWeight
 from .imatrix import collect_block_imatrix
 from .layer_selection import resolve_layers
+from . import moe_leaves
 from .signround import TuneSettings, padded_chunks, tune_block
 from .timing import BlockTimer
 
@@ -122,6 +123,7 @@ class AutoRound:
         disable_opt_rtn: bool | None = None,
         enable_opt_rtn: bool | None = None,
         progress: bool = True,
+        moe_route_all_experts: bool = False,
         **unsupported: Any,
     ):
         if unsupported:
@@ -145,6 +147,8 @@ class AutoRound:
         self.not_use_best_mse = not_use_best_mse
         self.scale_dtype = parse_dtype(scale_dtype)
         self.progress = progress
+        # MoE: calibration tokens go to every expert (the reference's AR_FORCE_MOE_ROUTING_ALL_EXPERTS)
+        self.moe_route_all_experts = bool(moe_route_all_experts)
         # amp as the reference: bf16 matmul operands (f32 accumulation) on accelerators and on CPUs with bf16 units,
         # fp32 elsewhere. V, the clip scales, the qdq and the loss stay fp32 either way (models/precision.py).
         self.amp = bool(amp)
@@ -198,20 +202,33 @@ class AutoRound:
     def _load_block(self, i: int) -> DecoderBlock:
         """Block i for quantizing: in fp32 when computing in fp32; under amp in the model dtype (matmuls cast their
         operands to bf16; the quantized linears' weights go to fp32 for the qdq)."""
-        return self.source.block(i, jnp.float32 if self.compute_dtype == jnp.float32 else self.model_dtype)
+        block = self.source.block(i, jnp.float32 if self.compute_dtype == jnp.float32 else self.model_dtype)
+        if self.moe_route_all_experts and hasattr(block.mlp, "route_all"):
+            block.mlp.route_all = True  # calibration only: quantized_block() reloads with the model's routing
+        return block
 
     def _to_fake_quant(self, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
-        for name, scheme in schemes.items():
+        plain, stacks = moe_leaves.split_schemes(block, schemes)  # MoE experts: one stacked leaf per projection
+        for name, scheme in plain.items():
             lin = module_at(block, name)
             w = lin.weight.w[...].astype(jnp.float32)
             lin.weight = FakeQuantWeight(w, scheme, self.scale_dtype, self.enable_minmax_tuning)
+        for stack, scheme in stacks.items():
+            moe_leaves.to_fake_quant(block, stack, lambda w, s=scheme: FakeQuantWeight(
+                w, s, self.scale_dtype, self.enable_minmax_tuning))
 
     def _finalize(self, i: int, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
         """Record integer codes and turn the fake-quant leaves back into float (qdq) weights."""
-        for name in schemes:
+        plain, stacks = moe_leaves.split_schemes(block, schemes)
+        for name in plain:
             lin = module_at(block, name)
             self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(np.asarray, lin.weight.quantized())
             lin.weight = FloatWeight(lin.weight.dequantize().astype(self.compute_dtype))
+        for stack in stacks:
+            head, lin_name = stack.rsplit(".", 1)
+            for e, qw in enumerate(moe_leaves.stacked_codes(block, stack)):
+                self.quantized[f"model.layers.{i}.{head}.{e}.{lin_name}"] = qw
+            moe_leaves.to_float(block, stack, self.compute_dtype)
 
     @property
     def opt_rtn(self) -> bool:
@@ -263,7 +280,7 @@ class AutoRound:
             if not self._uses_opt_rtn(scheme):
                 plain[name] = scheme
                 continue
-            w = module_at(block, name).weight.dequantize().astype(jnp.float32)
+            w = moe_leaves.float_weight(block, name).astype(jnp.float32)
             qw = opt_rtn(w, imatrix.get(name), scheme.bits, scheme.group_size, self.scale_dtype)
             self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(np.asarray, qw)
         if plain:
@@ -297,7 +314,8 @@ class AutoRound:
             schemes = self._block_schemes(i)
             if i <= last:
                 block = self._load_block(i)
-                probed = [n for n, s in schemes.items() if self._uses_opt_rtn(s)]
+                # MoE experts get no imatrix yet (an unweighted scale search): their tokens are routed
+                probed = [n for n, s in schemes.items() if self._uses_opt_rtn(s) and moe_leaves.expert_of(n) is None]
                 x, sums = collect_block_imatrix(block, probed, x, cos, sin, mask, bs)
                 imatrix = {n: v / np.float32(nsamples) for n, v in sums.items()}  # the reference's imatrix_cnt
                 self.imatrix.update({f"model.layers.{i}.{n}": v for n, v in imatrix.items()})
@@ -357,8 +375,7 @@ class AutoRound:
         prefix = f"model.layers.{i}."
         for name, qw in self.quantized.items():
             if name.startswith(prefix):
-                lin = module_at(block, name[len(prefix):])
-                lin.weight = FloatWeight(dequantize(qw).astype(dtype))
+                moe_leaves.set_weight(block, name[len(prefix):], dequantize(qw).astype(dtype))
         return block
 
     def model(self, dtype=None) -> CausalLM:

@@ -1,0 +1,52 @@
+"""Qwen3-MoE / Qwen2-MoE exports against the reference's (auto-round 0.16.1): RTN tensors byte for byte under the
+per-expert 2-D names, the same quantization_config (routers recorded float in extra_config), routers never quantized;
+and an expert whose projections differ in scheme is a one-line error."""
+
+import pytest
+
+from autoround_jax.io.safetensors_io import load_file
+from autoround_jax.tuning.autoround import AutoRound
+from tests.formats import reference
+from tests.formats.test_auto_round_export import assert_same_tensors, our_export, read_config
+
+pytest.importorskip("auto_round")
+
+MOE_CASES = {
+    "q3moe_w4g128_sym": ("qwen3_moe_e5k2", dict(bits=4, group_size=128, sym=True), "auto_round"),
+    "q2moe_w4g32_asym": ("qwen2_moe_e7k1", dict(bits=4, group_size=32, sym=False), "auto_round"),
+    "q3moe_w2g64_sym": ("qwen3_moe_e5k2", dict(bits=2, group_size=64, sym=True), "auto_round"),
+}
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_rtn_export_equals_reference(case, tiny_src, tmp_path):
+    family, scheme, fmt = MOE_CASES[case]
+    ref = reference.reference_export(tiny_src(family), str(tmp_path / "ref"), fmt, **scheme)
+    ours = our_export(tiny_src(family), str(tmp_path / "out"), fmt, **scheme)
+    assert_same_tensors(ours, ref)
+    (our_cfg, our_qc), (ref_cfg, ref_qc) = read_config(ours), read_config(ref)
+    assert our_qc == ref_qc
+    assert our_cfg == ref_cfg
+    tensors = load_file(f"{ours}/model.safetensors")
+    assert "model.layers.0.mlp.experts.4.down_proj.qweight" in tensors
+    assert "model.layers.0.mlp.gate.weight" in tensors and not any(".mlp.gate.q" in k for k in tensors)
+
+
+def test_routers_are_never_quantized_even_when_asked(tiny_src):
+    ar = AutoRound(tiny_src("qwen2_moe_e7k1"), tokenizer=object(), iters=0, disable_opt_rtn=True, model_dtype="fp32",
+                   progress=False, amp=False, layer_config={"mlp.gate": {"bits": 4}})
+    assert not any(n.endswith(("mlp.gate", "shared_expert_gate")) for n in ar.layer_config)
+    assert ar.layer_config["model.layers.0.mlp.experts.6.up_proj"] is not None
+
+
+def test_experts_of_one_projection_need_one_scheme(tiny_src):
+    ar = AutoRound(tiny_src("qwen3_moe_e5k2"), tokenizer=object(), iters=0, disable_opt_rtn=True,
+                   model_dtype="fp32", progress=False, amp=False, fp_layers="model.layers.0.mlp.experts.2.up_proj")
+    with pytest.raises(ValueError, match="one scheme"):
+        ar.quantize()
+    # every expert of a projection in float is fine: the whole stacked projection stays float
+    ar = AutoRound(tiny_src("qwen3_moe_e5k2"), tokenizer=object(), iters=0, disable_opt_rtn=True,
+                   model_dtype="fp32", progress=False, amp=False, fp_layers="up_proj")
+    ar.quantize()
+    assert "model.layers.0.mlp.experts.0.gate_proj" in ar.quantized
+    assert not any("up_proj" in n for n in ar.quantized)
