@@ -33,8 +33,10 @@ def test_moe_rtn_export_equals_reference(case, tiny_src, tmp_path):
 
 
 def test_routers_are_never_quantized_even_when_asked(tiny_src):
-    ar = AutoRound(tiny_src("qwen2_moe_e7k1"), tokenizer=object(), iters=0, disable_opt_rtn=True, model_dtype="fp32",
-                   progress=False, amp=False, layer_config={"mlp.gate": {"bits": 4}})
+    kw = dict(tokenizer=object(), iters=0, disable_opt_rtn=True, model_dtype="fp32", progress=False, amp=False)
+    with pytest.raises(ValueError, match="match no layer"):  # the router is not a quantizable layer at all
+        AutoRound(tiny_src("qwen2_moe_e7k1"), layer_config={"model.layers.0.mlp.gate": {"bits": 4}}, **kw)
+    ar = AutoRound(tiny_src("qwen2_moe_e7k1"), **kw)
     assert not any(n.endswith(("mlp.gate", "shared_expert_gate")) for n in ar.layer_config)
     assert ar.layer_config["model.layers.0.mlp.experts.6.up_proj"] is not None
 
