@@ -219,6 +219,8 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--disable_minmax_tuning", action="store_true")
     p.add_argument("--disable_quanted_input", action="store_true")
     p.add_argument("--not_use_best_mse", action="store_true")
+    p.add_argument("--moe_route_all_experts", action="store_true",  # MoE (issue 14)
+                   help="MoE: route calibration tokens to every expert (the reference's AR_FORCE_MOE_ROUTING_ALL_EXPERTS)")
     rtn = p.add_mutually_exclusive_group()  # the reference's RTN group; neither flag: opt-RTN below 8 bits
     rtn.add_argument("--disable_opt_rtn", dest="disable_opt_rtn", action="store_const", const=True, default=None,
                      help="iters 0: plain RTN (no calibration data) instead of the imatrix-weighted scale search")
@@ -257,7 +259,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         to_quant_block_names=args.to_quant_block_names, enable_minmax_tuning=not args.disable_minmax_tuning,
         enable_quanted_input=not args.disable_quanted_input, not_use_best_mse=args.not_use_best_mse,
         scale_dtype=args.scale_dtype, model_dtype=args.model_dtype, amp=not args.disable_amp, scheme=args.scheme,
-        disable_opt_rtn=pick("disable_opt_rtn"),
+        disable_opt_rtn=pick("disable_opt_rtn"), moe_route_all_experts=args.moe_route_all_experts,
     )
     if args.bits is not None:
         kw["bits"] = args.bits

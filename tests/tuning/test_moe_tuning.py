@@ -1,0 +1,65 @@
+"""Tuning a tiny Qwen3-MoE (5 experts, top-2, a dense middle block): every block beats RTN, one compile per block
+shape, every expert's linears tuned; an expert no calibration token reaches keeps its RTN codes (no NaN) unless
+moe_route_all_experts sends tokens to it."""
+
+import numpy as np
+import pytest
+
+from autoround_jax.tuning import signround
+from autoround_jax.tuning.autoround import AutoRound
+from tests.tiny_models import build_model, save_model
+
+torch = pytest.importorskip("torch")
+SMALL = dict(iters=20, nsamples=4, seqlen=32, batch_size=2, model_dtype="fp32", progress=False, amp=False,
+             bits=4, group_size=32, sym=True)
+IDLE = 4  # expert of block 0 that top-2 routing never picks
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Blocks 0 and 2 sparse, block 1 dense (mlp_only_layers); block 0's router logits are (a, -a, b, -b, 0), so
+    top-2 always picks one of experts 0/1 and one of 2/3 (each >= 0) and never expert 4."""
+    model = build_model("qwen3_moe_e5k2", num_layers=3)
+    with torch.no_grad():
+        w = model.model.layers[0].mlp.gate.weight
+        w[1], w[3], w[IDLE] = -w[0], -w[2], 0.0
+    return save_model(model, str(tmp_path_factory.mktemp("moe")))
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.random.default_rng(0).integers(3, 301, size=(4, 32)).astype(np.int32)
+
+
+def _codes(ar, name):
+    return np.asarray(ar.quantized[name].codes), np.asarray(ar.quantized[name].scales)
+
+
+def test_every_moe_block_beats_rtn_and_idle_experts_keep_rtn(folder, ids):
+    before = signround.TRACE_COUNT["tune"]
+    ar = AutoRound(folder, dataset=ids, **SMALL)
+    ar.quantize()
+    assert signround.TRACE_COUNT["tune"] - before <= 2  # one compile for both sparse blocks, one for the dense
+    for r in ar.reports:
+        assert r.loss_best < r.loss_rtn, r
+    assert len([n for n in ar.quantized if ".experts." in n]) == 2 * 5 * 3
+    assert all(np.isfinite(np.asarray(q.scales, np.float32)).all() for q in ar.quantized.values())
+    rtn = AutoRound(folder, iters=0, disable_opt_rtn=True, **{k: v for k, v in SMALL.items() if k != "iters"})
+    rtn.quantize()
+    for lin in ("gate_proj", "up_proj", "down_proj"):
+        idle, busy = f"model.layers.0.mlp.experts.{IDLE}.{lin}", f"model.layers.0.mlp.experts.0.{lin}"
+        for a, b in zip(_codes(ar, idle), _codes(rtn, idle)):
+            np.testing.assert_array_equal(a, b)  # no token, no gradient: V = 0, scales 1
+        assert any((a != b).any() for a, b in zip(_codes(ar, busy), _codes(rtn, busy)))  # routed experts move
+
+
+def test_route_all_experts_tunes_the_idle_expert_too(folder, ids):
+    ar = AutoRound(folder, dataset=ids, moe_route_all_experts=True, **SMALL)
+    ar.quantize()
+    for r in ar.reports:
+        assert r.loss_best < r.loss_rtn, r
+    rtn = AutoRound(folder, iters=0, disable_opt_rtn=True, **{k: v for k, v in SMALL.items() if k != "iters"})
+    rtn.quantize()
+    idle = f"model.layers.0.mlp.experts.{IDLE}.up_proj"
+    assert any((a != b).any() for a, b in zip(_codes(ar, idle), _codes(rtn, idle)))
+    assert not ar.model().layers[0].mlp.route_all  # the quantized model routes as the float one does
