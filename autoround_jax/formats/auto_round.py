@@ -31,7 +31,7 @@ from ..quant.pack import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols
 from ..quant.qdq import QuantizedWeight, group_len, num_groups
 from ..quant.scheme import LayerScheme
 from ..version import __version__
-from .moe_config import router_extra_config
+from .moe_config import router_extra_config, router_names
 from .report import write_report
 
 
@@ -167,6 +167,9 @@ def _gptq_keys(qm: QuantizedModel) -> dict[str, Any]:
     """auto_gptq records overrides as GPTQModel 'dynamic' regexes and lists the quantized modules if some are not."""
     dynamic = {}
     for name in _extra_config(qm):
+        if name not in qm.layer_config:  # an MoE router (formats/moe_config.py): excluded from quantization
+            dynamic["-:" + (name if name.startswith(".*") else ".*" + re.escape(name) + ".*")] = {}
+            continue
         s, regex = qm.layer_config[name], ".*" + re.escape(name) + ".*"
         if s is None:
             dynamic[f"-:{regex}"] = {}
@@ -182,7 +185,7 @@ def _gptq_keys(qm: QuantizedModel) -> dict[str, Any]:
 
 
 def _awq_keys(qm: QuantizedModel) -> dict[str, Any]:
-    skipped = ["lm_head"] + [n for n, s in qm.layer_config.items() if s is None]
+    skipped = ["lm_head"] + [n for n, s in qm.layer_config.items() if s is None] + router_names(qm.config)
     return {"to_quant_block_names": qm.block_name, "provider": "auto-round", "quant_method": "awq",
             "zero_point": not qm.scheme.sym, "version": "gemm", "modules_to_not_convert": sorted(skipped)}
 

@@ -29,6 +29,11 @@ def router_extra_config(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
+def router_names(cfg: ModelConfig) -> list[str]:
+    """Full module names of every sparse block's routers (AWQ's modules_to_not_convert lists them)."""
+    return [block_prefix(i) + n for i in range(cfg.num_layers) if cfg.is_moe_layer(i) for n in router_shapes(cfg)]
+
+
 def is_router_key(key: str) -> bool:
     """Whether an extra_config key is one router_extra_config writes (the importer skips them: routers are float)."""
     return key.endswith((r"mlp\.gate.*", ".mlp.shared_expert_gate"))
