@@ -18,7 +18,8 @@ MOE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(MOE_CASES))
+@pytest.mark.parametrize("case", [c if c != "q3moe_w2g64_sym" else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in MOE_CASES])
 def test_moe_rtn_export_equals_reference(case, tiny_src, tmp_path):
     family, scheme, fmt = MOE_CASES[case]
     ref = reference.reference_export(tiny_src(family), str(tmp_path / "ref"), fmt, **scheme)

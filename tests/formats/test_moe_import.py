@@ -15,9 +15,10 @@ pytest.importorskip("auto_round")
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module", params=[("qwen3_moe_e5k2", dict(bits=4, group_size=128, sym=True)),
-                                        ("qwen2_moe_e7k1", dict(bits=4, group_size=32, sym=False))],
-                ids=["qwen3_moe_sym", "qwen2_moe_asym"])
+@pytest.fixture(scope="module", params=[
+    ("qwen3_moe_e5k2", dict(bits=4, group_size=128, sym=True)),  # auto_round:auto_gptq packing
+    pytest.param(("qwen2_moe_e7k1", dict(bits=4, group_size=32, sym=False)), marks=pytest.mark.slow),  # AWQ packing
+], ids=["qwen3_moe_sym", "qwen2_moe_asym"])
 def ref_export(request, tiny_src, tmp_path_factory):
     family, scheme = request.param
     return reference.reference_export(tiny_src(family), str(tmp_path_factory.mktemp("ref")), "auto_round", **scheme)
