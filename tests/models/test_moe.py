@@ -81,13 +81,16 @@ def _loop_reference(x, idx, w, gate, up, down):
     return out
 
 
-def test_grouped_matmul_equals_a_loop_over_experts_and_unrouted_experts_get_no_gradient():
+@pytest.mark.parametrize("impl", ["tiled", "ragged"])
+def test_grouped_matmul_equals_a_loop_over_experts_and_unrouted_experts_get_no_gradient(impl, monkeypatch):
+    monkeypatch.setenv("AUTOROUND_JAX_MOE_MATMUL", impl)
     rng = np.random.default_rng(0)
     e, d, i, t, k = 7, 16, 12, 10, 2
     gate, up = rng.normal(size=(e, i, d)).astype(np.float32), rng.normal(size=(e, i, d)).astype(np.float32)
     down = rng.normal(size=(e, d, i)).astype(np.float32)
     x = rng.normal(size=(t, d)).astype(np.float32)
     idx = rng.integers(0, e - 1, size=(t, k)).astype(np.int32)  # expert e-1 receives no token
+    idx[:6, 0] = 2  # one crowded expert: its rows span several tiles
     w = rng.uniform(size=(t, k)).astype(np.float32)
     got = experts_forward(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), gate, up, down)
     np.testing.assert_allclose(np.asarray(got), _loop_reference(x, idx, w, gate, up, down), rtol=1e-4, atol=1e-4)
