@@ -124,3 +124,21 @@ def test_stacked_fake_quant_leaf_quantizes_each_expert_like_its_own_linear():
         stack_leaves([FakeQuantWeight(ws[0], scheme), FakeQuantWeight(ws[1], LayerScheme(4, 32, True))])
     with pytest.raises(MixedExpertSchemes, match="quantize all"):
         stack_leaves([FakeQuantWeight(ws[0], scheme), None])
+
+
+def test_fused_expert_checkpoint_loads_like_the_per_expert_one(pair, tmp_path):
+    """transformers 5's in-memory layout (mlp.experts.gate_up_proj [E, 2I, D], down_proj [E, D, I]) saved as is."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    torch_model, ours, folder = pair
+    state = {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state  # the layout this test is about
+    if ours.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    shutil.copy(f"{folder}/config.json", tmp_path / "config.json")
+    fused = load_model(str(tmp_path), dtype="fp32")
+    ids = np.random.default_rng(4).integers(3, 301, size=(2, 11)).astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(fused(ids)), np.asarray(ours(ids)))
