@@ -66,7 +66,7 @@ def reference(folder: str, ids: np.ndarray, a) -> float:
 
     ar = AutoRound(model, tokenizer=Tok(), iters=a.iters, nsamples=a.nsamples, seqlen=a.seqlen,
                    batch_size=a.batch_size, bits=4, group_size=a.group_size, sym=True, amp=False, device_map="cpu",
-                   enable_torch_compile=False, dataset=[torch.tensor(r[None]) for r in ids])
+                   enable_torch_compile=False, dataset=[torch.from_numpy(r[None].astype(np.int64)) for r in ids])
     t0 = time.time()
     ar.quantize()  # it logs each block's loss at iteration 0 and at its best iteration
     return (time.time() - t0) / a.layers
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--skip_reference", action="store_true")
     ap.add_argument("--skip_ours", action="store_true")
+    ap.add_argument("--kinds", default="moe,dense", help="which checkpoints to run: moe, dense or both")
     a = ap.parse_args()
     from autoround_jax.models.precision import cpu_flag_summary
 
@@ -96,12 +97,13 @@ def main() -> None:
         print(f"CPU flags: {cpu_flag_summary()}; hidden {a.hidden}, {a.experts} experts of {a.moe_inter}, top "
               f"{a.top_k}; dense intermediate {a.top_k * a.moe_inter}; iters {a.iters}, {a.nsamples} x {a.seqlen}, "
               f"batch {a.batch_size}, W4G{a.group_size} sym, fp32")
-        for name, folder in (("moe", moe), ("dense", dense)) if not a.skip_ours else ():
+        kinds = [(n, f) for n, f in (("moe", moe), ("dense", dense)) if n in a.kinds.split(",")]
+        for name, folder in kinds if not a.skip_ours else ():
             first, steady, loss = ours(folder, ids, a)
             print(f"ours {name}: block 0 {first:.2f} s (with compilation), later blocks {steady:.2f} s, "
                   f"{loss}")
         if not a.skip_reference:
-            for name, folder in (("moe", moe), ("dense", dense)):
+            for name, folder in kinds:
                 print(f"reference {name}: {reference(folder, ids, a):.2f} s per block")
 
 
