@@ -132,10 +132,17 @@ def route(logits: jax.Array, top_k: int, norm_topk_prob: bool, route_all: bool =
     return idx, w.astype(logits.dtype)
 
 
+class ExpertSquaredInputs(nnx.Variable):
+    """opt-RTN's imatrix probe of the experts: per (expert, sample) sum over routed tokens of x^2, fp32."""
+
+
 def experts_forward(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
-                    down: jax.Array) -> jax.Array:
+                    down: jax.Array, samples: int | None = None):
     """sum_k weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = idx[t, k]: the T*k (token, expert)
-    pairs sorted by expert, three grouped matmuls, then gathered back and summed over k. x [T, D]."""
+    pairs sorted by expert, three grouped matmuls, then gathered back and summed over k. x [T, D].
+
+    samples: x's tokens are `samples` rows of T/samples tokens; then also returns, per expert and sample, the sums
+    of squared inputs of gate/up ([E, samples, D]) and of down ([E, samples, I]) over the tokens routed there."""
     t, k = idx.shape
     n_exp = gate.shape[0]
     flat = idx.reshape(-1)
@@ -145,7 +152,13 @@ def experts_forward(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.
     h = jax.nn.silu(_grouped(xs, gate, group_sizes)) * _grouped(xs, up, group_sizes)
     ys = _grouped(h, down, group_sizes) * weights.reshape(-1)[order][:, None]
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))
-    return ys[inverse].reshape(t, k, -1).sum(axis=1)
+    out = ys[inverse].reshape(t, k, -1).sum(axis=1)
+    if samples is None:
+        return out
+    seg = flat[order] * samples + (order // k) // (t // samples)
+    sums = lambda a: jax.ops.segment_sum(jnp.square(a.astype(jnp.float32)), seg, n_exp * samples).reshape(  # noqa
+        n_exp, samples, -1)
+    return out, sums(xs), sums(h)
 
 
 class Experts(nnx.Module):
@@ -164,6 +177,7 @@ class SparseMoE(nnx.Module):
         e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.route_all = False  # set by the tuner for --moe_route_all_experts (calibration only)
+        self.x2_in = self.x2_h = None  # ExpertSquaredInputs while opt-RTN collects the experts' imatrix
         self.gate = Linear(FloatWeight(jnp.zeros((e, d), dtype)))
         self.experts = Experts(e, d, i, dtype)
         self.shared_expert = shared_expert
@@ -175,12 +189,15 @@ class SparseMoE(nnx.Module):
         x2 = x.reshape(-1, shape[-1])
         idx, w = route(self.gate(x2), self.top_k, self.norm_topk_prob, self.route_all)
         ex = self.experts
-        out = experts_forward(x2, idx, w, ex.gate_proj.stacked_weight(), ex.up_proj.stacked_weight(),
-                              ex.down_proj.stacked_weight())
+        weights = (ex.gate_proj.stacked_weight(), ex.up_proj.stacked_weight(), ex.down_proj.stacked_weight())
+        if self.x2_in is None:
+            out = experts_forward(x2, idx, w, *weights)
+        else:  # [B, T, D] input: per-sample sums, as the dense probes record them
+            out, self.x2_in[...], self.x2_h[...] = experts_forward(x2, idx, w, *weights, samples=shape[0])
         if self.shared_expert is not None:
             out = out + jax.nn.sigmoid(self.shared_expert_gate(x2)) * self.shared_expert(x2)
         return out.reshape(shape)
 
 
-__all__ = ["MixedExpertSchemes", "SparseMoE", "StackedLinear", "experts_forward", "route", "stack_leaves",
+__all__ = ["ExpertSquaredInputs", "MixedExpertSchemes", "SparseMoE", "StackedLinear", "experts_forward", "route", "stack_leaves",
            "unstack_leaf"]

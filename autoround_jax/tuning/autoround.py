@@ -314,8 +314,7 @@ class AutoRound:
             schemes = self._block_schemes(i)
             if i <= last:
                 block = self._load_block(i)
-                # MoE experts get no imatrix yet (an unweighted scale search): their tokens are routed
-                probed = [n for n, s in schemes.items() if self._uses_opt_rtn(s) and moe_leaves.expert_of(n) is None]
+                probed = [n for n, s in schemes.items() if self._uses_opt_rtn(s)]  # MoE experts: per-expert sums
                 x, sums = collect_block_imatrix(block, probed, x, cos, sin, mask, bs)
                 imatrix = {n: v / np.float32(nsamples) for n, v in sums.items()}  # the reference's imatrix_cnt
                 self.imatrix.update({f"model.layers.{i}.{n}": v for n, v in imatrix.items()})

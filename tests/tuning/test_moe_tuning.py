@@ -63,3 +63,35 @@ def test_route_all_experts_tunes_the_idle_expert_too(folder, ids):
     idle = f"model.layers.0.mlp.experts.{IDLE}.up_proj"
     assert any((a != b).any() for a, b in zip(_codes(ar, idle), _codes(rtn, idle)))
     assert not ar.model().layers[0].mlp.route_all  # the quantized model routes as the float one does
+
+
+def test_opt_rtn_imatrix_of_each_expert_sums_only_its_routed_tokens(folder, ids):
+    """The experts' imatrix against transformers' own routing: hook the fused experts module of block 0, sum x^2
+    (gate/up inputs) and h^2 (down inputs) over the tokens routed to each expert, divide by nsamples."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    experts = model.model.layers[0].mlp.experts
+    seen = {}
+
+    def hook(module, args):
+        x, idx = args[0], args[1]
+        for e in range(module.num_experts):
+            rows = (idx == e).any(-1)
+            xe = x[rows]
+            gate, up = torch.nn.functional.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
+            h = torch.nn.functional.silu(gate) * up
+            seen[e] = ((xe ** 2).sum(0).numpy(), (h ** 2).sum(0).numpy())
+
+    handle = experts.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        model(torch.from_numpy(ids.astype(np.int64)))
+    handle.remove()
+    ar = AutoRound(folder, dataset=ids, iters=0, **{k: v for k, v in SMALL.items() if k != "iters"})
+    ar.quantize()
+    n = ids.shape[0]
+    for e in range(5):
+        p = f"model.layers.0.mlp.experts.{e}."
+        np.testing.assert_allclose(ar.imatrix[p + "up_proj"], seen[e][0] / n, rtol=2e-4, atol=1e-9)
+        np.testing.assert_allclose(ar.imatrix[p + "down_proj"], seen[e][1] / n, rtol=2e-4, atol=1e-9)
+    assert not ar.imatrix[f"model.layers.0.mlp.experts.{IDLE}.gate_proj"].any()  # no token, a zero imatrix
