@@ -95,3 +95,26 @@ def test_opt_rtn_imatrix_of_each_expert_sums_only_its_routed_tokens(folder, ids)
         np.testing.assert_allclose(ar.imatrix[p + "up_proj"], seen[e][0] / n, rtol=2e-4, atol=1e-9)
         np.testing.assert_allclose(ar.imatrix[p + "down_proj"], seen[e][1] / n, rtol=2e-4, atol=1e-9)
     assert not ar.imatrix[f"model.layers.0.mlp.experts.{IDLE}.gate_proj"].any()  # no token, a zero imatrix
+
+
+def test_cli_moe_route_all_experts_reaches_autoround_and_mixed_expert_schemes_are_one_line(folder, tmp_path,
+                                                                                           monkeypatch, capsys):
+    from autoround_jax import cli
+    from autoround_jax.tuning import autoround
+
+    seen = {}
+
+    class Spy(autoround.AutoRound):
+        def __init__(self, *a, **kw):
+            seen.update(kw)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(autoround, "AutoRound", Spy)
+    base = ["--model", folder, "--iters", "0", "--disable_opt_rtn", "--model_dtype", "fp32", "--disable_amp",
+            "--group_size", "32"]
+    assert cli.run(base + ["--moe_route_all_experts", "--output_dir", str(tmp_path / "out")]) == 0
+    assert seen["moe_route_all_experts"] is True
+    assert cli.run(base + ["--fp_layers", "model.layers.0.mlp.experts.1.down_proj",
+                           "--output_dir", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("autoround-jax: error:") and "one scheme" in err[-1], err
