@@ -151,3 +151,26 @@ def test_fused_expert_checkpoint_loads_like_the_per_expert_one(pair, tmp_path, r
     fused = load_model(str(tmp_path), dtype="fp32")
     ids = np.random.default_rng(4).integers(3, 301, size=(2, 11)).astype(np.int32)
     np.testing.assert_array_equal(np.asarray(fused(ids)), np.asarray(ours(ids)))
+
+
+def test_bf16_forward_and_cached_decoding(pair, tmp_path, request):
+    """bf16 weights and activations (f32 accumulation) against transformers' bf16 forward, and cached decoding
+    against our own full forward."""
+    torch_model, ours32, folder = pair
+    if ours32.config.family == "qwen2_moe":  # measured: 2 of 26 tokens route differently in bf16 (near-tied top-1)
+        pytest.skip("top-1 routing flips on near-ties under bf16 rounding (logits then differ ~9% at that token)")
+    from autoround_jax.models.decoder import KVCache
+
+    ours = load_model(folder, dtype="bf16")
+    ids = np.random.default_rng(3).integers(3, 301, size=(2, 13)).astype(np.int32)
+    with torch.no_grad():
+        ref = torch_model.to(torch.bfloat16)(torch.from_numpy(ids).long()).logits.float().numpy()
+    torch_model.to(torch.float32)
+    got = np.asarray(ours(ids))
+    scale = max(np.abs(ref).max(), 1.0)
+    assert np.abs(got - ref).max() <= 3e-2 * scale, np.abs(got - ref).max()
+    cache = KVCache.init(ours.config, 2, 16, ours.dtype)
+    pos = np.broadcast_to(np.arange(13, dtype=np.int32), (2, 13))
+    _, cache = ours.forward_cached(ids[:, :12], pos[:, :12], np.ones((2, 12), bool), cache)
+    last, _ = ours.forward_cached(ids[:, 12:], pos[:, 12:], np.ones((2, 1), bool), cache)
+    np.testing.assert_allclose(np.asarray(last)[:, 0], got[:, 12], atol=3e-2 * scale)
