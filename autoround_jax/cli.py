@@ -220,7 +220,8 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--disable_quanted_input", action="store_true")
     p.add_argument("--not_use_best_mse", action="store_true")
     p.add_argument("--moe_route_all_experts", action="store_true",  # MoE (issue 14)
-                   help="MoE: route calibration tokens to every expert (the reference's AR_FORCE_MOE_ROUTING_ALL_EXPERTS)")
+                   help="MoE: route calibration tokens to every expert (the reference's "
+                   "AR_FORCE_MOE_ROUTING_ALL_EXPERTS)")
     rtn = p.add_mutually_exclusive_group()  # the reference's RTN group; neither flag: opt-RTN below 8 bits
     rtn.add_argument("--disable_opt_rtn", dest="disable_opt_rtn", action="store_const", const=True, default=None,
                      help="iters 0: plain RTN (no calibration data) instead of the imatrix-weighted scale search")

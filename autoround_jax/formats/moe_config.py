@@ -13,7 +13,8 @@ from typing import Any
 from ..models.config import ModelConfig
 from ..models.params_table import block_prefix, router_shapes
 
-ROUTER_RECORDS = {"mlp.gate": {"bits": 16, "data_type": "float"}, "mlp.shared_expert_gate": {"bits": 16, "data_type": "fp"}}
+ROUTER_RECORDS = {"mlp.gate": {"bits": 16, "data_type": "float"},
+                  "mlp.shared_expert_gate": {"bits": 16, "data_type": "fp"}}
 
 
 def router_extra_config(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
@@ -33,7 +34,3 @@ def router_names(cfg: ModelConfig) -> list[str]:
     """Full module names of every sparse block's routers (AWQ's modules_to_not_convert lists them)."""
     return [block_prefix(i) + n for i in range(cfg.num_layers) if cfg.is_moe_layer(i) for n in router_shapes(cfg)]
 
-
-def is_router_key(key: str) -> bool:
-    """Whether an extra_config key is one router_extra_config writes (the importer skips them: routers are float)."""
-    return key.endswith((r"mlp\.gate.*", ".mlp.shared_expert_gate"))

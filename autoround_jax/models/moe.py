@@ -199,5 +199,5 @@ class SparseMoE(nnx.Module):
         return out.reshape(shape)
 
 
-__all__ = ["ExpertSquaredInputs", "MixedExpertSchemes", "SparseMoE", "StackedLinear", "experts_forward", "route", "stack_leaves",
-           "unstack_leaf"]
+__all__ = ["ExpertSquaredInputs", "MixedExpertSchemes", "SparseMoE", "StackedLinear", "experts_forward", "route",
+           "stack_leaves", "unstack_leaf"]
