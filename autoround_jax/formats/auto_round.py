@@ -178,7 +178,7 @@ def _gptq_keys(qm: QuantizedModel) -> dict[str, Any]:
     out: dict[str, Any] = {"dynamic": dynamic} if dynamic else {}
     out.update(lm_head=False, provider="auto-round", quant_method="gptq", desc_act=False, true_sequential=False,
                damp_percent=0.01)
-    if any(s is None for s in qm.layer_config.values()):
+    if any(s is None for s in qm.layer_config.values()) or router_names(qm.config):  # MoE routers are float layers
         names = {n.split(".", 3)[3] for n, s in qm.layer_config.items() if s is not None}
         out["modules_in_block_to_quantize"] = [sorted(names)]
     return out

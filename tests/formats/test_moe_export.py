@@ -1,5 +1,6 @@
 """Qwen3-MoE / Qwen2-MoE exports against the reference's (auto-round 0.16.1): RTN tensors byte for byte under the
-per-expert 2-D names, the same quantization_config (routers recorded float in extra_config), routers never quantized;
+per-expert 2-D names, the same quantization_config (routers recorded float: extra_config for auto_round, GPTQ
+`dynamic` and modules_in_block_to_quantize, AWQ modules_to_not_convert), routers never quantized;
 and an expert whose projections differ in scheme is a one-line error."""
 
 import pytest
@@ -15,11 +16,13 @@ MOE_CASES = {
     "q3moe_w4g128_sym": ("qwen3_moe_e5k2", dict(bits=4, group_size=128, sym=True), "auto_round"),
     "q2moe_w4g32_asym": ("qwen2_moe_e7k1", dict(bits=4, group_size=32, sym=False), "auto_round"),
     "q3moe_w2g64_sym": ("qwen3_moe_e5k2", dict(bits=2, group_size=64, sym=True), "auto_round"),
+    "q2moe_gptq_w4g32_sym": ("qwen2_moe_e7k1", dict(bits=4, group_size=32, sym=True), "auto_gptq"),
+    "q3moe_awq_w4g32_asym": ("qwen3_moe_e5k2", dict(bits=4, group_size=32, sym=False), "auto_awq"),
 }
+SLOW = ("q3moe_w2g64_sym", "q3moe_awq_w4g32_asym")
 
 
-@pytest.mark.parametrize("case", [c if c != "q3moe_w2g64_sym" else pytest.param(c, marks=pytest.mark.slow)
-                                  for c in MOE_CASES])
+@pytest.mark.parametrize("case", [c if c not in SLOW else pytest.param(c, marks=pytest.mark.slow) for c in MOE_CASES])
 def test_moe_rtn_export_equals_reference(case, tiny_src, tmp_path):
     family, scheme, fmt = MOE_CASES[case]
     ref = reference.reference_export(tiny_src(family), str(tmp_path / "ref"), fmt, **scheme)
