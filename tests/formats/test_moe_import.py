@@ -1,4 +1,4 @@
-"""The reference's MoE exports read back into the packed int model (stacked experts): logits and greedy generation
+"""The reference's MoE exports (tuned and RTN) read back into the packed int model (stacked experts): logits and greedy generation
 equal transformers' torch forward of the same checkpoint dequantized to a float folder, and convert works both ways
 (packed -> another packing -> the same model)."""
 
@@ -16,9 +16,9 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module", params=[
-    ("qwen3_moe_e5k2", dict(bits=4, group_size=128, sym=True)),  # auto_round:auto_gptq packing
-    pytest.param(("qwen2_moe_e7k1", dict(bits=4, group_size=32, sym=False)), marks=pytest.mark.slow),  # AWQ packing
-], ids=["qwen3_moe_sym", "qwen2_moe_asym"])
+    ("qwen3_moe_e5k2", dict(bits=4, group_size=128, sym=True, **reference.TUNED)),  # tuned; auto_gptq packing
+    pytest.param(("qwen2_moe_e7k1", dict(bits=4, group_size=32, sym=False)), marks=pytest.mark.slow),  # RTN, AWQ
+], ids=["qwen3_moe_sym_tuned", "qwen2_moe_asym_rtn"])
 def ref_export(request, tiny_src, tmp_path_factory):
     family, scheme = request.param
     return reference.reference_export(tiny_src(family), str(tmp_path_factory.mktemp("ref")), "auto_round", **scheme)
