@@ -56,3 +56,20 @@ def test_experts_of_one_projection_need_one_scheme(tiny_src):
     ar.quantize()
     assert "model.layers.0.mlp.experts.0.gate_proj" in ar.quantized
     assert not any("up_proj" in n for n in ar.quantized)
+
+
+def test_expert_regex_layer_config_and_fp_layers_equal_the_reference(tiny_src, tmp_path):
+    """A regex layer_config over every expert's up_proj (8 bits) and fp_layers on down_proj: the same tensors byte
+    for byte and the same per-layer extra_config entries. (The reference also records the user's regex keys
+    themselves in extra_config, for dense models too; ours records the layers they resolved to.)"""
+    scheme = dict(bits=4, group_size=32, sym=True, fp_layers="down_proj",
+                  layer_config={".*experts.*up_proj": {"bits": 8, "group_size": 32, "sym": True}})
+    src = tiny_src("qwen3_moe_e5k2")
+    ref = reference.reference_export(src, str(tmp_path / "ref"), "auto_round", **scheme)
+    ours = our_export(src, str(tmp_path / "out"), "auto_round", **scheme)
+    assert_same_tensors(ours, ref)
+    (_, our_qc), (_, ref_qc) = read_config(ours), read_config(ref)
+    ours_extra, ref_extra = our_qc.pop("extra_config"), ref_qc.pop("extra_config")
+    assert our_qc == ref_qc
+    assert ours_extra == {k: v for k, v in ref_extra.items() if k not in (".*down_proj.*", ".*experts.*up_proj.*")}
+    assert ours_extra["model.layers.0.mlp.experts.3.up_proj"]["bits"] == 8
