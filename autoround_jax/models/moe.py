@@ -53,6 +53,15 @@ class StackedLinear(nnx.Module):
         graphdef, state = nnx.split(self.weight)
         return jax.vmap(lambda s: nnx.merge(graphdef, s).dequantize())(state)
 
+    def selected_weight(self, idx: jax.Array) -> jax.Array:
+        """The weights [P, out, in] of experts idx [P] only: the stored arrays (packed words for an int leaf) are
+        gathered before dequantizing, so a decode step touches k experts per token, not all E."""
+        if isinstance(self.weight, FloatWeight):
+            return self.weight.w[...][idx]
+        graphdef, state = nnx.split(self.weight)
+        state = jax.tree.map(lambda a: a[idx], state)
+        return jax.vmap(lambda s: nnx.merge(graphdef, s).dequantize())(state)
+
 
 def stack_leaves(leaves: Sequence[nnx.Module], name: str = "experts") -> nnx.Module:
     """E leaves of one structure (one per expert) -> one leaf whose arrays are stacked along a new leading axis."""
@@ -161,6 +170,16 @@ def experts_forward(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.
     return out, sums(xs), sums(h)
 
 
+def pairs_forward(x: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """The same sum for few tokens (decode): one matvec per (token, slot) pair with that pair's expert weights
+    (gate/up [T*k, I, D], down [T*k, D, I], gathered), no sort. x [T, D], weights [T, k]."""
+    t, k = weights.shape
+    xp = jnp.repeat(x, k, axis=0)  # pair p = (token p // k, slot p % k), as idx.reshape(-1)
+    h = jax.nn.silu(mixed_einsum("pd,pid->pi", xp, gate)) * mixed_einsum("pd,pid->pi", xp, up)
+    y = mixed_einsum("pi,pdi->pd", h, down) * weights.reshape(-1)[:, None]
+    return y.reshape(t, k, -1).sum(axis=1)
+
+
 class Experts(nnx.Module):
     """The experts' three projections, each stacked over experts (named as transformers names the module)."""
 
@@ -175,7 +194,7 @@ class SparseMoE(nnx.Module):
 
     def __init__(self, cfg, dtype, shared_expert: nnx.Module | None = None):
         e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.num_experts, self.top_k, self.norm_topk_prob = e, cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.route_all = False  # set by the tuner for --moe_route_all_experts (calibration only)
         self.x2_in = self.x2_h = None  # ExpertSquaredInputs while opt-RTN collects the experts' imatrix
         self.gate = Linear(FloatWeight(jnp.zeros((e, d), dtype)))
@@ -189,15 +208,23 @@ class SparseMoE(nnx.Module):
         x2 = x.reshape(-1, shape[-1])
         idx, w = route(self.gate(x2), self.top_k, self.norm_topk_prob, self.route_all)
         ex = self.experts
+        if self.x2_in is None and x2.shape[0] * self.top_k < self.num_experts:  # decode: gather the k experts of each token
+            flat = idx.reshape(-1)
+            out = pairs_forward(x2, w, ex.gate_proj.selected_weight(flat), ex.up_proj.selected_weight(flat),
+                                ex.down_proj.selected_weight(flat))
+            return self._with_shared(out, x2).reshape(shape)
         weights = (ex.gate_proj.stacked_weight(), ex.up_proj.stacked_weight(), ex.down_proj.stacked_weight())
         if self.x2_in is None:
             out = experts_forward(x2, idx, w, *weights)
         else:  # [B, T, D] input: per-sample sums, as the dense probes record them
             out, self.x2_in[...], self.x2_h[...] = experts_forward(x2, idx, w, *weights, samples=shape[0])
+        return self._with_shared(out, x2).reshape(shape)
+
+    def _with_shared(self, out: jax.Array, x2: jax.Array) -> jax.Array:
         if self.shared_expert is not None:
             out = out + jax.nn.sigmoid(self.shared_expert_gate(x2)) * self.shared_expert(x2)
-        return out.reshape(shape)
+        return out
 
 
-__all__ = ["ExpertSquaredInputs", "MixedExpertSchemes", "SparseMoE", "StackedLinear", "experts_forward", "route",
-           "stack_leaves", "unstack_leaf"]
+__all__ = ["ExpertSquaredInputs", "MixedExpertSchemes", "SparseMoE", "StackedLinear", "experts_forward",
+           "pairs_forward", "route", "stack_leaves", "unstack_leaf"]

@@ -9,7 +9,8 @@ import pytest
 from autoround_jax import load_model
 from autoround_jax.generation import generate_ids
 from autoround_jax.models.config import ModelConfig
-from autoround_jax.models.moe import MixedExpertSchemes, SparseMoE, StackedLinear, experts_forward, route, stack_leaves
+from autoround_jax.models.moe import (MixedExpertSchemes, SparseMoE, StackedLinear, experts_forward, pairs_forward,
+                                      route, stack_leaves)
 from autoround_jax.models.params_table import block_linear_names, expected_tensors
 from tests.tiny_models import MOE_FAMILIES, build_model, save_model
 
@@ -102,6 +103,9 @@ def test_grouped_matmul_equals_a_loop_over_experts_and_unrouted_experts_get_no_g
     w = rng.uniform(size=(t, k)).astype(np.float32)
     got = experts_forward(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), gate, up, down)
     np.testing.assert_allclose(np.asarray(got), _loop_reference(x, idx, w, gate, up, down), rtol=1e-4, atol=1e-4)
+    flat = idx.reshape(-1)
+    pairs = pairs_forward(jnp.asarray(x), jnp.asarray(w), gate[flat], up[flat], down[flat])  # the decode path
+    np.testing.assert_allclose(np.asarray(pairs), _loop_reference(x, idx, w, gate, up, down), rtol=1e-4, atol=1e-4)
     g = jax.grad(lambda gt: experts_forward(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), gt, up, down).sum())(
         jnp.asarray(gate))
     assert np.isfinite(np.asarray(g)).all() and not np.asarray(g)[e - 1].any() and np.asarray(g)[0].any()
