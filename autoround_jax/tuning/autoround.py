@@ -137,6 +137,8 @@ class AutoRound:
             raise ValueError("iters must be >= 0 and nsamples, seqlen, batch_size, gradient_accumulate_steps >= 1")
         self.default_scheme = LayerScheme(int(bits), int(group_size), bool(sym))
         self.disable_opt_rtn = resolve_disable_opt_rtn(disable_opt_rtn, enable_opt_rtn, int(bits))
+        # MoE: as the reference, experts skip opt-RTN's search unless it was asked for explicitly
+        self.opt_rtn_explicit = disable_opt_rtn is not None or enable_opt_rtn is not None
         self.iters, self.nsamples, self.seqlen = iters, nsamples, seqlen
         self.batch_size = min(batch_size, nsamples)
         self.gradient_accumulate_steps = gradient_accumulate_steps
@@ -277,7 +279,7 @@ class AutoRound:
         """Quantize one block's layers with iters=0: opt-RTN for sym layers when enabled, else plain RTN."""
         plain = {}
         for name, scheme in schemes.items():
-            if not self._uses_opt_rtn(scheme):
+            if not self._uses_opt_rtn(scheme) or (not self.opt_rtn_explicit and moe_leaves.expert_of(name)):
                 plain[name] = scheme
                 continue
             w = moe_leaves.float_weight(block, name).astype(jnp.float32)
@@ -314,7 +316,8 @@ class AutoRound:
             schemes = self._block_schemes(i)
             if i <= last:
                 block = self._load_block(i)
-                probed = [n for n, s in schemes.items() if self._uses_opt_rtn(s)]  # MoE experts: per-expert sums
+                probed = [n for n, s in schemes.items() if self._uses_opt_rtn(s)  # MoE experts: per-expert sums
+                          and (self.opt_rtn_explicit or not moe_leaves.expert_of(n))]
                 x, sums = collect_block_imatrix(block, probed, x, cos, sin, mask, bs)
                 imatrix = {n: v / np.float32(nsamples) for n, v in sums.items()}  # the reference's imatrix_cnt
                 self.imatrix.update({f"model.layers.{i}.{n}": v for n, v in imatrix.items()})

@@ -73,3 +73,35 @@ def test_expert_regex_layer_config_and_fp_layers_equal_the_reference(tiny_src, t
     assert our_qc == ref_qc
     assert ours_extra == {k: v for k, v in ref_extra.items() if k not in (".*down_proj.*", ".*experts.*up_proj.*")}
     assert ours_extra["model.layers.0.mlp.experts.3.up_proj"]["bits"] == 8
+
+
+def test_opt_rtn_on_moe_skips_the_experts_search_like_the_reference(tiny_src, tmp_path):
+    """iters=0 with the default opt-RTN: the reference searches scales for attention and dense layers but gives
+    MoE experts plain RTN unless opt-RTN was asked for explicitly. Block 0 (sparse) equals its export byte for byte;
+    block 1 (dense) sees the float MoE output, whose last-bit differences move a few scale-search ties."""
+    import glob
+    import os
+
+    import numpy as np
+    import torch
+    import transformers
+    from auto_round import AutoRound as RefAutoRound
+
+    src, ids = tiny_src("qwen3_moe_e5k2"), reference.calibration_ids(8, 32)
+    kw = dict(iters=0, nsamples=8, seqlen=32, batch_size=4, bits=4, group_size=32, sym=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    RefAutoRound(model, tokenizer=reference.DummyTokenizer(), device_map="cpu", enable_torch_compile=False, amp=False,
+                 dataset=[torch.from_numpy(r[None].astype(np.int64)) for r in ids], **kw).quantize_and_save(
+        output_dir=str(tmp_path / "ref"), format="auto_round")
+    ref = os.path.dirname(glob.glob(str(tmp_path / "ref" / "*" / "config.json"))[0])
+    ar = AutoRound(src, tokenizer=object(), dataset=ids, model_dtype="fp32", amp=False, progress=False, **kw)
+    ar.quantize()
+    assert ar.opt_rtn
+    ours = ar.save_quantized(str(tmp_path / "out"), format="auto_round")
+    a, b = load_file(f"{ours}/model.safetensors"), load_file(f"{ref}/model.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if k.startswith("model.layers.0."):
+            assert a[k].tobytes() == b[k].tobytes(), k
+        elif k.endswith(".qweight"):
+            assert (a[k] != b[k]).mean() < 0.01, k
