@@ -220,6 +220,9 @@ def build_quantize_parser(preset: str = "default") -> argparse.ArgumentParser:
     p.add_argument("--disable_minmax_tuning", action="store_true")
     p.add_argument("--disable_quanted_input", action="store_true")
     p.add_argument("--not_use_best_mse", action="store_true")
+    p.add_argument("--moe_route_all_experts", action="store_true",  # MoE (issue 14)
+                   help="MoE: route calibration tokens to every expert (the reference's "
+                   "AR_FORCE_MOE_ROUTING_ALL_EXPERTS)")
     rtn = p.add_mutually_exclusive_group()  # the reference's RTN group; neither flag: opt-RTN below 8 bits
     rtn.add_argument("--disable_opt_rtn", dest="disable_opt_rtn", action="store_const", const=True, default=None,
                      help="iters 0: plain RTN (no calibration data) instead of the imatrix-weighted scale search")
@@ -300,6 +303,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         disable_opt_rtn=pick("disable_opt_rtn"), mesh=args.mesh, device_map=args.device,
         low_gpu_mem_usage=args.low_gpu_mem_usage, low_cpu_mem_usage=args.low_cpu_mem_usage,
         objective=args.objective, optimizer=args.optimizer, enable_alg_ext=args.enable_alg_ext,  # issue 15
+        moe_route_all_experts=args.moe_route_all_experts,
     )
     if args.schemes is not None:  # issue 15: AutoScheme, the candidates and --bits as the average target
         from .tuning.auto_scheme import parse_spec

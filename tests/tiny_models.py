@@ -30,7 +30,19 @@ TUNE_FAMILIES = {
     "qwen2_tune": ("qwen2", dict(hidden_size=128, intermediate_size=320, num_attention_heads=4,
                                  num_key_value_heads=2, tie_word_embeddings=False)),
 }
-FAMILIES_ALL = {**FAMILIES, **TUNE_FAMILIES}
+# Mixture-of-experts models: odd expert counts, top-k 1 and 2, a shared expert, a dense layer via mlp_only_layers;
+# every linear dimension divisible by 32 so they quantize too (the routers stay float by rule).
+MOE_FAMILIES = {
+    "qwen3_moe_e5k2": ("qwen3_moe", dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64,
+                                         num_experts=5, num_experts_per_tok=2, norm_topk_prob=True,
+                                         mlp_only_layers=[1], num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=32, tie_word_embeddings=True)),
+    "qwen2_moe_e7k1": ("qwen2_moe", dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=64,
+                                         shared_expert_intermediate_size=96, num_experts=7, num_experts_per_tok=1,
+                                         norm_topk_prob=False, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=False)),
+}
+FAMILIES_ALL = {**FAMILIES, **TUNE_FAMILIES, **MOE_FAMILIES}
 
 
 def hf_config(name: str, num_layers: int = 2, vocab_size: int = 301):
@@ -38,7 +50,8 @@ def hf_config(name: str, num_layers: int = 2, vocab_size: int = 301):
 
     family, kw = FAMILIES_ALL[name]
     cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-           "llama": transformers.LlamaConfig}[family]
+           "llama": transformers.LlamaConfig, "qwen3_moe": transformers.Qwen3MoeConfig,
+           "qwen2_moe": transformers.Qwen2MoeConfig}[family]
     extra = {"rope_theta": 10000.0 if family == "llama" else 1e6}
     return cls(vocab_size=vocab_size, num_hidden_layers=num_layers, max_position_embeddings=256,
                rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra, **kw)

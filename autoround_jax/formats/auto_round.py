@@ -25,12 +25,13 @@ import numpy as np
 from ..io.hf_folder import atomic_folder, copy_tokenizer_files, write_json, write_sharded
 from ..io.safetensors_io import CheckpointError
 from ..models.config import ModelConfig
-from ..models.params_table import BLOCK_TENSORS, GLOBAL_TENSORS, block_prefix, linear_shape
+from ..models.params_table import GLOBAL_TENSORS, block_prefix, block_tensors, linear_shape
 from ..models.quantized import QuantizedModel
 from ..quant.pack import pack_awq, pack_cols, pack_rows, unpack_awq, unpack_cols, unpack_rows
 from ..quant.qdq import QuantizedWeight, group_len, num_groups
 from ..quant.scheme import LayerScheme
 from ..version import __version__
+from .moe_config import router_extra_config, router_names
 from .report import write_report
 
 
@@ -165,13 +166,16 @@ def _extra_config(qm: QuantizedModel) -> dict[str, dict[str, Any]]:
         d = dict(FLOAT_LAYER) if s is None else _neq(s, qm.scheme)
         if d:
             out[name] = d
-    return out
+    return {**out, **router_extra_config(qm.config)}  # MoE routers, as the reference records them
 
 
 def _gptq_keys(qm: QuantizedModel) -> dict[str, Any]:
     """auto_gptq records overrides as GPTQModel 'dynamic' regexes and lists the quantized modules if some are not."""
     dynamic = {}
     for name in _extra_config(qm):
+        if name not in qm.layer_config:  # an MoE router (formats/moe_config.py): excluded from quantization
+            dynamic["-:" + (name if name.startswith(".*") else ".*" + re.escape(name) + ".*")] = {}
+            continue
         s, regex = qm.layer_config[name], ".*" + re.escape(name) + ".*"
         if s is None:
             dynamic[f"-:{regex}"] = {}
@@ -180,14 +184,14 @@ def _gptq_keys(qm: QuantizedModel) -> dict[str, Any]:
     out: dict[str, Any] = {"dynamic": dynamic} if dynamic else {}
     out.update(lm_head=False, provider="auto-round", quant_method="gptq", desc_act=False, true_sequential=False,
                damp_percent=0.01)
-    if any(s is None for s in qm.layer_config.values()):
+    if any(s is None for s in qm.layer_config.values()) or router_names(qm.config):  # MoE routers are float layers
         names = {n.split(".", 3)[3] for n, s in qm.layer_config.items() if s is not None}
         out["modules_in_block_to_quantize"] = [sorted(names)]
     return out
 
 
 def _awq_keys(qm: QuantizedModel) -> dict[str, Any]:
-    skipped = ["lm_head"] + [n for n, s in qm.layer_config.items() if s is None]
+    skipped = ["lm_head"] + [n for n, s in qm.layer_config.items() if s is None] + router_names(qm.config)
     return {"to_quant_block_names": qm.block_name, "provider": "auto-round", "quant_method": "awq",
             "zero_point": not qm.scheme.sym, "version": "gemm", "modules_to_not_convert": sorted(skipped)}
 
@@ -232,18 +236,18 @@ def global_tensors(qm: QuantizedModel) -> Iterator[tuple[str, np.ndarray]]:
             yield spec.name, _float(qm, spec.name)
 
 
-def block_tensors(qm: QuantizedModel, i: int, linear: Callable[[QuantizedWeight], dict[str, np.ndarray]],
-                  bias_dtype) -> Iterator[tuple[str, np.ndarray]]:
+def block_export_tensors(qm: QuantizedModel, i: int, linear: Callable[[QuantizedWeight], dict[str, np.ndarray]],
+                         bias_dtype) -> Iterator[tuple[str, np.ndarray]]:
     """Block i's tensors: float ones in the model dtype, a quantized linear's weight replaced by linear(codes)
-    (tensors by suffix), its bias in bias_dtype."""
+    (tensors by suffix), its bias in bias_dtype. MoE: per-expert names; routers (role "router") stay float."""
     cfg = qm.config
     p = block_prefix(i)
-    for spec in BLOCK_TENSORS:
+    for spec in block_tensors(cfg, i):
         if not spec.present(cfg):
             continue
         full = p + spec.name
         module = full.rsplit(".", 1)[0]
-        if spec.role == "float" or qm.layer_config.get(module) is None:
+        if spec.role in ("float", "router") or qm.layer_config.get(module) is None:
             yield full, _float(qm, full)
         elif spec.role == "linear":
             for suffix, arr in linear(qm.quantized[module]).items():
@@ -257,7 +261,7 @@ def iter_tensors(qm: QuantizedModel, linear: Callable[[QuantizedWeight], dict[st
     """Every tensor of an export, block by block (one block's layers in memory at a time)."""
     yield from global_tensors(qm)
     for i in range(qm.config.num_layers):
-        yield from block_tensors(qm, i, linear, bias_dtype)
+        yield from block_export_tensors(qm, i, linear, bias_dtype)
 
 
 def linear_packer(qm: QuantizedModel, fmt: str) -> Callable[[QuantizedWeight], dict[str, np.ndarray]]:

@@ -26,7 +26,7 @@ def _tensors(qm: QuantizedModel, np_dtype) -> Iterator[tuple[str, np.ndarray]]:
             yield spec.name, np.asarray(reader.get(spec.name)).astype(np_dtype)
     for i in range(cfg.num_layers):  # block by block: one block's tensors in memory at a time
         p = block_prefix(i)
-        for name in expected_block_tensors(cfg):
+        for name in expected_block_tensors(cfg, i):
             full = p + name
             module = full.rsplit(".", 1)[0]
             if full.endswith(".weight") and module in qm.quantized:

@@ -23,7 +23,7 @@ from ..models.config import ModelConfig
 from ..models.decoder import CausalLM
 from ..models.quantized import QuantizedModel
 from ..models.loading import check_against, parse_dtype
-from ..models.params_table import BLOCK_PREFIX, BLOCK_TENSORS, block_prefix, expected_tensors
+from ..models.params_table import BLOCK_PREFIX, block_prefix, block_tensors, expected_tensors
 from ..quant.packed_weight import PackedWeight
 from ..quant.qdq import QuantizedWeight, dequantize
 from ..quant.rules import checkpoint_rules, global_scheme, quantized_blocks, resolve
@@ -117,8 +117,8 @@ def layer_schemes(cfg: ModelConfig, qc: Mapping[str, Any]) -> dict[str, LayerSch
     modules_in_block_to_quantize, then exact extra_config names, then GPTQ dynamic, then extra_config regexes
     (quant/rules.py's checkpoint_rules)."""
     base, blocks = _global_scheme(qc), _block_names(qc)
-    names = [block_prefix(i) + s.name[: -len(".weight")] for i in range(cfg.num_layers) for s in BLOCK_TENSORS
-             if s.role == "linear"]
+    names = [block_prefix(i) + s.name[: -len(".weight")] for i in range(cfg.num_layers) for s in block_tensors(cfg, i)
+             if s.role == "linear"]  # MoE: per-expert names; routers are float whatever extra_config says
     try:
         return resolve(names, base, checkpoint_rules(qc, names, blocks))
     except UnsupportedSchemeError as e:

@@ -17,7 +17,7 @@ import numpy as np
 from ..io.hf_folder import ShardedWriter, atomic_folder
 from ..models.quantized import QuantizedModel
 from .auto_round import (
-    FORMATS, block_tensors, check_format_fits, global_tensors, linear_packer, tuning_settings, write_metadata,
+    FORMATS, block_export_tensors, check_format_fits, global_tensors, linear_packer, tuning_settings, write_metadata,
 )
 from .report import write_report
 
@@ -59,7 +59,7 @@ class StreamingExport:
         """Block i's tensors, packed from qm.quantized; blocks must come in order."""
         if i != self._next:
             raise RuntimeError(f"streaming export got block {i}, expected block {self._next}")
-        self._writer.add_all(block_tensors(qm, i, self._linear, np.float16))
+        self._writer.add_all(block_export_tensors(qm, i, self._linear, np.float16))
         self._next += 1
 
     @property

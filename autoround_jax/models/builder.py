@@ -19,7 +19,8 @@ from flax import nnx
 from ..io.safetensors_io import CheckpointError
 from .config import ModelConfig
 from .decoder import CausalLM, DecoderBlock, Rotary
-from .params_table import BLOCK_TENSORS, GLOBAL_TENSORS, TensorSpec, block_prefix, model_path, module_at
+from .moe import stack_leaves
+from .params_table import GLOBAL_TENSORS, TensorSpec, block_prefix, block_tensors, model_path, module_at
 from .sharding import place
 
 # (HF tensor name) -> array; raises for a missing tensor.
@@ -29,9 +30,9 @@ TensorGetter = Callable[[str], np.ndarray]
 WeightLeaf = Callable[[str, Callable[[], np.ndarray]], nnx.Module | None]
 
 
-def abstract_block(cfg: ModelConfig, dtype) -> DecoderBlock:
-    """A DecoderBlock of ShapeDtypeStructs: no memory, the target of filling (or of an orbax restore)."""
-    return nnx.eval_shape(lambda: DecoderBlock(cfg, dtype))
+def abstract_block(cfg: ModelConfig, dtype, i: int = 0) -> DecoderBlock:
+    """Block i as a DecoderBlock of ShapeDtypeStructs: no memory, the target of filling (or of an orbax restore)."""
+    return nnx.eval_shape(lambda: DecoderBlock(cfg, dtype, cfg.is_moe_layer(i)))
 
 
 def abstract_model(cfg: ModelConfig, dtype) -> CausalLM:
@@ -49,9 +50,14 @@ def _read(get: TensorGetter, name: str, shape: tuple[int, ...], source: str) -> 
 
 def _fill(root: nnx.Module, specs: Iterable[tuple[TensorSpec, str]], cfg: ModelConfig, get: TensorGetter, dtype,
           weight_leaf: WeightLeaf | None, mesh, source: str, scope: str) -> None:
-    """Assign every (spec, HF name) leaf of root; `scope` is root's path in the whole model (for sharding rules)."""
+    """Assign every (spec, HF name) leaf of root; `scope` is root's path in the whole model (for sharding rules).
+    Experts' linears (spec.stack) are gathered and assigned as one stacked leaf per projection."""
+    stacks: dict[str, list[tuple[TensorSpec, str]]] = {}
     for spec, name in specs:
         if not spec.present(cfg):
+            continue
+        if spec.stack is not None:
+            stacks.setdefault(spec.stack, []).append((spec, name))
             continue
         path = model_path(spec)  # relative to root: a block's specs are named within the block
         shape = spec.shape(cfg)
@@ -63,14 +69,32 @@ def _fill(root: nnx.Module, specs: Iterable[tuple[TensorSpec, str]], cfg: ModelC
                 continue
         value = place(jnp.asarray(_read(get, name, shape, source), dtype), scope + path, mesh)
         module_at(root, path).set_value(value)
+    for stack, members in stacks.items():
+        _fill_stack(root, stack, sorted(members, key=lambda m: m[0].expert), cfg, get, dtype, weight_leaf, mesh,
+                    source, scope)
+
+
+def _fill_stack(root: nnx.Module, stack: str, members: list[tuple[TensorSpec, str]], cfg: ModelConfig,
+                get: TensorGetter, dtype, weight_leaf: WeightLeaf | None, mesh, source: str, scope: str) -> None:
+    """One stacked expert projection from its per-expert tensors: a float [E, out, in] array, or the weight_leaf
+    factory's per-expert leaves stacked into one (every expert must then get a leaf of one structure)."""
+    readers = [lambda n=name, s=spec.shape(cfg): _read(get, n, s, source) for spec, name in members]
+    target = module_at(root, stack)
+    if weight_leaf is not None:
+        leaves = [weight_leaf(name[: -len(".weight")], r) for (_, name), r in zip(members, readers)]
+        if any(leaf is not None for leaf in leaves):
+            target.weight = stack_leaves(leaves, scope + stack)
+            return
+    value = jnp.asarray(np.stack([r() for r in readers]), dtype)
+    module_at(root, model_path(members[0][0])).set_value(place(value, scope + model_path(members[0][0]), mesh))
 
 
 def build_block(cfg: ModelConfig, i: int, get: TensorGetter, dtype, weight_leaf: WeightLeaf | None = None,
                 mesh=None, source: str = "checkpoint") -> DecoderBlock:
     """Block i: abstract, then filled from get("model.layers.{i}....") one tensor at a time."""
-    block = abstract_block(cfg, dtype)
+    block = abstract_block(cfg, dtype, i)
     p = block_prefix(i)
-    _fill(block, ((s, p + s.name) for s in BLOCK_TENSORS), cfg, get, dtype, weight_leaf, mesh, source,
+    _fill(block, ((s, p + s.name) for s in block_tensors(cfg, i)), cfg, get, dtype, weight_leaf, mesh, source,
           f"layers.{i}.")
     return block
 

@@ -1,4 +1,4 @@
-"""Model configuration: one frozen dataclass for the Qwen2, Qwen3 and Llama decoder families.
+"""Model configuration: one frozen dataclass for the Qwen2, Qwen3, Llama and Qwen2/Qwen3-MoE decoder families.
 
 Built from a `transformers` config (which we use for configs only) so that everything downstream reads plain
 Python fields and never touches the HF object again.
@@ -13,8 +13,12 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "LlamaForCausalLM": "llama",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
-SUPPORTED_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}
+SUPPORTED_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama", "qwen3_moe": "qwen3_moe",
+                         "qwen2_moe": "qwen2_moe"}
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe")
 
 
 class UnsupportedModelError(ValueError):
@@ -73,7 +77,7 @@ class RopeConfig:
 class ModelConfig:
     """Everything the decoder needs, for all three families."""
 
-    family: str  # "qwen2" | "qwen3" | "llama"
+    family: str  # "qwen2" | "qwen3" | "llama" | "qwen3_moe" | "qwen2_moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -92,6 +96,20 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # mixture of experts (qwen3_moe, qwen2_moe); num_experts 0 for dense families
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0  # qwen2_moe: a shared expert with a sigmoid gate; 0 for none
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block i has a sparse MoE MLP (transformers' rule: not in mlp_only_layers and every
+        decoder_sparse_step-th layer)."""
+        return (self.num_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
 
     @property
     def q_size(self) -> int:
@@ -113,6 +131,9 @@ class ModelConfig:
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
         attention_bias = bool(d.get("attention_bias", False))
+        moe = _moe_fields(d, family)
+        qkv_bias = bool(d.get("qkv_bias", True)) if family == "qwen2_moe" else (
+            True if family == "qwen2" else attention_bias)
         return cls(
             family=family,
             vocab_size=d["vocab_size"],
@@ -126,13 +147,14 @@ class ModelConfig:
             rope=_rope(d),
             max_position_embeddings=d.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=True if family == "qwen2" else attention_bias,
-            o_bias=attention_bias if family != "qwen2" else False,
+            qkv_bias=qkv_bias,
+            o_bias=attention_bias if family not in ("qwen2", "qwen2_moe") else False,
             mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=d.get("pad_token_id"),
+            **moe,
         )
 
     @classmethod
@@ -163,6 +185,37 @@ def _family(d: Mapping[str, Any]) -> str:
     raise UnsupportedModelError(
         f"unsupported architecture {name}: autoround-jax supports {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
+
+
+def _moe_fields(d: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """The MoE fields of a qwen3_moe / qwen2_moe config.json, checked; {} for dense families."""
+    if family not in MOE_FAMILIES:
+        return {}
+    out: dict[str, Any] = {}
+    for key, low in (("num_experts", 1), ("num_experts_per_tok", 1), ("moe_intermediate_size", 1),
+                     ("decoder_sparse_step", 1)):
+        v = d.get(key, 1 if key == "decoder_sparse_step" else None)
+        if key == "num_experts" and v is None:
+            v = d.get("num_local_experts")  # transformers 5 writes num_experts under this name
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"{key} is {v!r}: expected an integer >= {low}; restore the model's original config.json")
+        out[key] = v
+    if out["num_experts_per_tok"] > out["num_experts"]:
+        raise ConfigError(f"num_experts_per_tok {out['num_experts_per_tok']} exceeds num_experts "
+                          f"{out['num_experts']}: restore the model's original config.json")
+    layers = d.get("mlp_only_layers") or []
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ConfigError(f"mlp_only_layers is {layers!r}: expected a list of layer indices; restore the model's "
+                          "original config.json")
+    out["mlp_only_layers"] = tuple(layers)
+    out["norm_topk_prob"] = bool(d.get("norm_topk_prob", False))
+    if family == "qwen2_moe":
+        shared = d.get("shared_expert_intermediate_size")
+        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 1:
+            raise ConfigError(f"shared_expert_intermediate_size is {shared!r}: expected an integer >= 1; restore "
+                              "the model's original config.json")
+        out["shared_expert_intermediate_size"] = shared
+    return out
 
 
 def _rope(d: Mapping[str, Any]) -> RopeConfig:

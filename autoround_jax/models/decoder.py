@@ -1,4 +1,5 @@
-"""One Flax NNX decoder for Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm) and Llama, parametrized by ModelConfig.
+"""One Flax NNX decoder for Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), Llama and their MoE variants (Qwen3-MoE,
+Qwen2-MoE: models/moe.py), parametrized by ModelConfig.
 
 Attribute names mirror the HF module names (self_attn.q_proj, mlp.down_proj, input_layernorm, ...), so the path of a
 tensor in this model is its HF name without the "model." prefix: the params table stays declarative and the
@@ -16,6 +17,7 @@ from flax import nnx
 
 from .config import ModelConfig
 from .layers import FloatWeight, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from .moe import SparseMoE
 from .precision import linear, mixed_einsum, physical_transpose
 
 _NEG = -1e30
@@ -117,8 +119,8 @@ def _attend_mixed(q, k, v, mask, kv_heads):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig, dtype):
-        d, i = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, cfg: ModelConfig, dtype, intermediate_size: int | None = None):
+        d, i = cfg.hidden_size, intermediate_size or cfg.intermediate_size
         self.gate_proj = _linear(d, i, cfg.mlp_bias, dtype)
         self.up_proj = _linear(d, i, cfg.mlp_bias, dtype)
         self.down_proj = _linear(i, d, cfg.mlp_bias, dtype)
@@ -130,12 +132,18 @@ class MLP(nnx.Module):
 class DecoderBlock(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
 
-    def __init__(self, cfg: ModelConfig, dtype=jnp.float32):
-        """Shapes from the config only; models/builder.py builds it abstractly and fills its leaves."""
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, sparse: bool = False):
+        """Shapes from the config only; models/builder.py builds it abstractly and fills its leaves. sparse: a
+        mixture-of-experts MLP (cfg.is_moe_layer(i) for block i)."""
         self.input_layernorm = RMSNorm(jnp.ones((cfg.hidden_size,), dtype), cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(jnp.ones((cfg.hidden_size,), dtype), cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, dtype)
-        self.mlp = MLP(cfg, dtype)
+        if sparse:
+            shared = (MLP(cfg, dtype, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size
+                      else None)
+            self.mlp = SparseMoE(cfg, dtype, shared)
+        else:
+            self.mlp = MLP(cfg, dtype)
 
     def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, index=None):
         """Returns (output, updated cache or None). mask: [B, T, S] bool, True where a query may attend."""
@@ -188,7 +196,7 @@ class CausalLM(nnx.Module):
         """Shapes from the config only; models/builder.py builds it abstractly and fills its leaves."""
         self.config = cfg
         self.embed_tokens = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))
-        self.layers = nnx.List([DecoderBlock(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderBlock(cfg, dtype, cfg.is_moe_layer(i)) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(jnp.ones((cfg.hidden_size,), dtype), cfg.rms_norm_eps)
         # None when tied to embed_tokens
         self.lm_head = None if cfg.tie_word_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype)

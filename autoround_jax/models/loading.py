@@ -19,6 +19,7 @@ from ..io.files import read_json
 from .builder import WeightLeaf, build_block, build_model
 from .config import ModelConfig
 from .decoder import CausalLM, DecoderBlock
+from .fused_experts import unfused
 from .params_table import expected_tensors
 
 _DTYPES = {
@@ -80,7 +81,7 @@ class ModelSource:
         self.config = ModelConfig.from_pretrained(self.path)
         self.hf_config = read_json(os.path.join(self.path, "config.json"))
         self.dtype = parse_dtype(dtype, self.hf_config.get("torch_dtype") or self.hf_config.get("dtype"))
-        self.reader = CheckpointReader(self.path)
+        self.reader = unfused(CheckpointReader(self.path))  # MoE experts stored fused: read per expert
         if check:
             try:
                 check_tensors(self.reader, self.config)

@@ -23,7 +23,9 @@ class TensorSpec:
     name: str
     shape: Callable[[ModelConfig], tuple[int, ...]]
     present: Callable[[ModelConfig], bool] = lambda c: True
-    role: str = "float"  # "linear" (a quantizable weight) | "bias" | "float"
+    role: str = "float"  # "linear" (a quantizable weight) | "bias" | "float" | "router" (a linear kept in float)
+    stack: str | None = None  # an expert's linear: the stacked module holding all experts ("mlp.experts.up_proj")
+    expert: int = -1  # ... and this expert's index along its leading axis
 
 
 def _always(c: ModelConfig) -> bool:
@@ -61,7 +63,46 @@ def _block_tensors() -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
-BLOCK_TENSORS: tuple[TensorSpec, ...] = _block_tensors()
+BLOCK_TENSORS: tuple[TensorSpec, ...] = _block_tensors()  # a dense block's tensors
+EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
+SHARED_EXPERT = "mlp.shared_expert"
+ROUTERS = ("mlp.gate", "mlp.shared_expert_gate")  # MoE linears that are never quantized (vLLM needs them float)
+
+
+def moe_linears(cfg: ModelConfig) -> list[tuple[str, int, int, str | None, int]]:
+    """A sparse block's MLP linears: (name, out, in, stacked module or None, expert index), experts by their
+    per-expert checkpoint names (mlp.experts.E.gate_proj), as hub checkpoints and the reference's exports name them."""
+    d, i = cfg.hidden_size, cfg.moe_intermediate_size
+    shapes = {"gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i)}
+    out = [(f"mlp.experts.{e}.{lin}", *shapes[lin], f"mlp.experts.{lin}", e)
+           for e in range(cfg.num_experts) for lin in EXPERT_LINEARS]
+    if cfg.shared_expert_intermediate_size:
+        s = cfg.shared_expert_intermediate_size
+        out += [(f"{SHARED_EXPERT}.gate_proj", s, d, None, -1), (f"{SHARED_EXPERT}.up_proj", s, d, None, -1),
+                (f"{SHARED_EXPERT}.down_proj", d, s, None, -1)]
+    return out
+
+
+def router_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """A sparse block's float routing linears: the router and (qwen2_moe) the shared expert's sigmoid gate."""
+    out = {"mlp.gate": (cfg.num_experts, cfg.hidden_size)}
+    if cfg.shared_expert_intermediate_size:
+        out["mlp.shared_expert_gate"] = (1, cfg.hidden_size)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def block_tensors(cfg: ModelConfig, i: int) -> tuple[TensorSpec, ...]:
+    """Block i's tensors: BLOCK_TENSORS for a dense block; for a sparse MoE block the attention and norms, the router
+    and per-expert linears (stacked in the model along a leading expert axis), and the shared expert if any."""
+    if not cfg.is_moe_layer(i):
+        return BLOCK_TENSORS
+    specs = [s for s in BLOCK_TENSORS if not s.name.startswith("mlp.")]
+    for name, shape in router_shapes(cfg).items():
+        specs.append(TensorSpec(f"{name}.weight", lambda c, sh=shape: sh, _always, "router"))
+    for name, n_out, n_in, stack, e in moe_linears(cfg):
+        specs.append(TensorSpec(f"{name}.weight", lambda c, sh=(n_out, n_in): sh, _always, "linear", stack, e))
+    return tuple(specs)
 
 
 # Global tensors whose model path is not their HF name without "model." (the embedding is a bare Param).
@@ -75,8 +116,10 @@ def model_path(spec: TensorSpec) -> str:
     name = spec.name
     if name in _GLOBAL_PATHS:
         return _GLOBAL_PATHS[name]
+    if spec.stack is not None:  # an expert's weight lives in its stacked leaf, at index spec.expert
+        return spec.stack + ".weight.w"
     name = name[len("model."):] if name.startswith("model.") else name
-    return name + ".w" if spec.role == "linear" else name
+    return name + ".w" if spec.role in ("linear", "router") else name
 
 
 def module_at(root, dotted: str):
@@ -88,16 +131,22 @@ def block_prefix(i: int) -> str:
     return f"{BLOCK_PREFIX}.{i}."
 
 
-def block_linear_names(cfg: ModelConfig) -> list[str]:
-    """Linear module names inside a block, e.g. 'self_attn.q_proj'."""
-    return [name for name, *_ in BLOCK_LINEARS]
+def block_linear_names(cfg: ModelConfig, i: int = 0) -> list[str]:
+    """Quantizable linear module names inside block i, e.g. 'self_attn.q_proj', 'mlp.experts.3.up_proj'."""
+    return [s.name[: -len(".weight")] for s in block_tensors(cfg, i) if s.role == "linear"]
 
 
 def linear_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
-    """(out_features, in_features) of a block linear."""
+    """(out_features, in_features) of a block linear (dense, expert, shared expert or router)."""
     for n, out_f, in_f, _ in BLOCK_LINEARS:
         if n == name:
             return out_f(cfg), in_f(cfg)
+    if cfg.num_experts:
+        if name in router_shapes(cfg):
+            return router_shapes(cfg)[name]
+        for n, n_out, n_in, *_ in moe_linears(cfg):
+            if n == name:
+                return n_out, n_in
     raise KeyError(name)
 
 
@@ -106,10 +155,10 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     out = {s.name: s.shape(cfg) for s in GLOBAL_TENSORS if s.present(cfg)}
     for i in range(cfg.num_layers):
         p = block_prefix(i)
-        out.update({p + s.name: s.shape(cfg) for s in BLOCK_TENSORS if s.present(cfg)})
+        out.update({p + s.name: s.shape(cfg) for s in block_tensors(cfg, i) if s.present(cfg)})
     return out
 
 
-def expected_block_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """A block's tensor names (without prefix) and shapes."""
-    return {s.name: s.shape(cfg) for s in BLOCK_TENSORS if s.present(cfg)}
+def expected_block_tensors(cfg: ModelConfig, i: int = 0) -> dict[str, tuple[int, ...]]:
+    """Block i's tensor names (without prefix) and shapes."""
+    return {s.name: s.shape(cfg) for s in block_tensors(cfg, i) if s.present(cfg)}

@@ -41,6 +41,7 @@ from .layer_selection import resolve_layers
 from .forward import apply_block, apply_block_host, apply_block_sharded, to_host
 from .mesh import axis_size, check_batch, describe, make_mesh, per_device_memory, put_rows, replicated
 from .resume import RESUME_ENV, Resumer, run_settings
+from . import moe_leaves
 from .signround import TuneSettings, tune_block
 from . import alg_ext as _alg_ext  # issue 15 (research recipes, SignRoundV2, AutoScheme)
 from . import auto_scheme as _auto_scheme
@@ -130,6 +131,7 @@ class AutoRound:
         optimizer=None,
         recipe: Recipe | None = None,
         enable_alg_ext: bool = False,
+        moe_route_all_experts: bool = False,
         **unsupported: Any,
     ):
         if unsupported:
@@ -152,6 +154,8 @@ class AutoRound:
             raise ValueError("iters must be >= 0 and nsamples, seqlen, batch_size, gradient_accumulate_steps >= 1")
         self.default_scheme = LayerScheme(int(bits), int(group_size), bool(sym))
         self.disable_opt_rtn = resolve_disable_opt_rtn(disable_opt_rtn, enable_opt_rtn, int(bits))
+        # MoE: as the reference, experts skip opt-RTN's search unless it was asked for explicitly
+        self.opt_rtn_explicit = disable_opt_rtn is not None or enable_opt_rtn is not None
         self.iters, self.nsamples, self.seqlen = iters, nsamples, seqlen
         self.batch_size = min(batch_size, nsamples)
         self.gradient_accumulate_steps = gradient_accumulate_steps
@@ -178,6 +182,8 @@ class AutoRound:
         if self.enable_alg_ext:
             self.recipe = _alg_ext.alg_ext_recipe(self.recipe, self.default_scheme, keep_objective=objective is not None)
         # -- end issue 15 --
+        # MoE: calibration tokens go to every expert (the reference's AR_FORCE_MOE_ROUTING_ALL_EXPERTS)
+        self.moe_route_all_experts = bool(moe_route_all_experts)
         # amp as the reference: bf16 matmul operands (f32 accumulation) on accelerators and on CPUs with bf16 units,
         # fp32 elsewhere. V, the clip scales, the qdq and the loss stay fp32 either way (models/precision.py).
         self.amp = bool(amp)
@@ -236,14 +242,16 @@ class AutoRound:
         operands to bf16; the quantized linears' weights go to fp32 for the qdq). On a mesh its weights are sharded
         along output features over `fsdp` (replicated without that axis)."""
         dtype = jnp.float32 if self.compute_dtype == jnp.float32 else self.model_dtype
-        if self.mesh is None:
-            return self.source.block(i, dtype)
-        return self.source.block(i, dtype, mesh=self.mesh)
+        block = self.source.block(i, dtype) if self.mesh is None else self.source.block(i, dtype, mesh=self.mesh)
+        if self.moe_route_all_experts and hasattr(block.mlp, "route_all"):
+            block.mlp.route_all = True  # calibration only: quantized_block() reloads with the model's routing
+        return block
 
     def _to_fake_quant(self, block: DecoderBlock, schemes: dict[str, LayerScheme], imatrix=None) -> None:
         """imatrix {name: sum of x^2 [K]}: given when the recipe's init is "search" (SignRoundV2)."""
         r = self.recipe
-        for name, scheme in schemes.items():
+        plain, stacks = moe_leaves.split_schemes(block, schemes)  # MoE experts: one stacked leaf per projection
+        for name, scheme in plain.items():
             lin = module_at(block, name)
             w = lin.weight.w[...].astype(jnp.float32)
             init, clip = None, r.clip_range
@@ -254,16 +262,27 @@ class AutoRound:
                     clip = (0.0, 1.0)
             lin.weight = FakeQuantWeight(w, scheme, self.scale_dtype, self.enable_minmax_tuning,
                                          clip_range=clip, clip_init=r.clip_init, init_scale=init)
+        if stacks and r.init == "search":
+            raise ValueError("enable_alg_ext does not cover MoE experts yet: quantize this model without it")
+        for stack, scheme in stacks.items():
+            moe_leaves.to_fake_quant(block, stack, lambda w, s=scheme: FakeQuantWeight(
+                w, s, self.scale_dtype, self.enable_minmax_tuning, clip_range=r.clip_range, clip_init=r.clip_init))
         if self.mesh is not None:  # V, clip scales and their init follow the weights' fsdp sharding
             state = nnx.state(block)
             nnx.update(block, jax.jit(lambda s: s, out_shardings=leaf_shardings(state, self.mesh, "layers.0."))(state))
 
     def _finalize(self, i: int, block: DecoderBlock, schemes: dict[str, LayerScheme]) -> None:
         """Record integer codes and turn the fake-quant leaves back into float (qdq) weights."""
-        for name in schemes:
+        plain, stacks = moe_leaves.split_schemes(block, schemes)
+        for name in plain:
             lin = module_at(block, name)
             self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(to_host, lin.weight.quantized())
             lin.weight = FloatWeight(lin.weight.dequantize().astype(self.compute_dtype))
+        for stack in stacks:
+            head, lin_name = stack.rsplit(".", 1)
+            for e, qw in enumerate(moe_leaves.stacked_codes(block, stack)):
+                self.quantized[f"model.layers.{i}.{head}.{e}.{lin_name}"] = qw
+            moe_leaves.to_float(block, stack, self.compute_dtype)
 
     @property
     def opt_rtn(self) -> bool:
@@ -326,14 +345,14 @@ class AutoRound:
         """Quantize one block's layers with iters=0: opt-RTN for sym layers when enabled, else plain RTN."""
         plain = {}
         for name, scheme in schemes.items():
-            if not self._uses_opt_rtn(scheme):
+            if not self._uses_opt_rtn(scheme) or (not self.opt_rtn_explicit and moe_leaves.expert_of(name)):
                 plain[name] = scheme
                 continue
-            w = module_at(block, name).weight.dequantize().astype(jnp.float32)
+            w = moe_leaves.float_weight(block, name).astype(jnp.float32)
             qw = opt_rtn(w, imatrix.get(name), scheme.bits, scheme.group_size, self.scale_dtype)
             self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(np.asarray, qw)
-        for name, scheme in plain.items():  # the block's weights are not used again: codes only
-            w = module_at(block, name).weight.w[...].astype(jnp.float32)
+        for name, scheme in plain.items():  # the block's weights are not used again: codes only (an expert's alone)
+            w = moe_leaves.float_weight(block, name).astype(jnp.float32)
             qw = rtn_quantize(w, bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym,
                               scale_dtype=self.scale_dtype)
             self.quantized[f"model.layers.{i}.{name}"] = jax.tree.map(to_host, qw)
@@ -369,7 +388,8 @@ class AutoRound:
             schemes = self._block_schemes(i)
             if i <= last:
                 block = self._load_block(i)
-                probed = [n for n, s in schemes.items() if self._uses_opt_rtn(s)]
+                probed = [n for n, s in schemes.items() if self._uses_opt_rtn(s)  # MoE experts: per-expert sums
+                          and (self.opt_rtn_explicit or not moe_leaves.expert_of(n))]
                 x, sums = collect_block_imatrix(block, probed, x, cos, sin, mask, bs)
                 imatrix = {n: v / np.float32(nsamples) for n, v in sums.items()}  # the reference's imatrix_cnt
                 self.imatrix.update({f"model.layers.{i}.{n}": v for n, v in imatrix.items()})
@@ -529,8 +549,7 @@ class AutoRound:
         prefix = f"model.layers.{i}."
         for name, qw in self.quantized.items():
             if name.startswith(prefix):
-                lin = module_at(block, name[len(prefix):])
-                lin.weight = FloatWeight(dequantize(qw).astype(dtype))
+                moe_leaves.set_weight(block, name[len(prefix):], dequantize(qw).astype(dtype))
         return block
 
     def model(self, dtype=None) -> CausalLM:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..models.moe import ExpertSquaredInputs
 from ..models.params_table import module_at
 from .signround import padded_chunks
 
@@ -45,11 +46,23 @@ class ImatrixProbe(nnx.Module):
         return self.inner(x)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "names"))
-def _apply_probed(graphdef, state, x, cos, sin, mask, *, names):
+@functools.partial(jax.jit, static_argnames=("graphdef", "names", "moe"))
+def _apply_probed(graphdef, state, x, cos, sin, mask, *, names, moe=False):
     block = nnx.merge(graphdef, state)
     y = block(x, cos, sin, mask)[0]
-    return y, {n: module_at(block, n).weight.x2[...] for n in names}
+    sums = {n: module_at(block, n).weight.x2[...] for n in names}
+    if moe:  # the experts' per-(expert, sample) sums, recorded by the sparse MLP itself (models/moe.py)
+        sums.update({"mlp.experts:in": block.mlp.x2_in[...], "mlp.experts:h": block.mlp.x2_h[...]})
+    return y, sums
+
+
+def _expert_sums(sums: dict, names: list[str]) -> dict:
+    """{'mlp.experts.E.gate_proj': [K]} from the sparse MLP's [E, K] totals (gate/up read x, down reads h)."""
+    out = {}
+    for n in names:
+        e, lin = n.split(".")[2:4]
+        out[n] = sums["mlp.experts:h" if lin == "down_proj" else "mlp.experts:in"][int(e)]
+    return out
 
 
 def collect_block_imatrix(
@@ -57,20 +70,29 @@ def collect_block_imatrix(
 ) -> tuple[jax.Array, dict[str, np.ndarray]]:
     """Run block(x) over [n, T, D] in batch_size chunks; returns (output, {linear name: sum of x^2 [K] over all
     samples and tokens}). Divide by n for the reference's imatrix. The block is left as it was."""
-    names = tuple(names)
+    experts = [n for n in names if n.startswith("mlp.experts.")]  # MoE: stacked, probed by the sparse MLP
+    names = tuple(n for n in names if n not in experts)
     inner = {n: module_at(block, n).weight for n in names}
     for n in names:
         module_at(block, n).weight = ImatrixProbe(inner[n], batch_size)
+    if experts:
+        mlp = block.mlp
+        (n_exp, i, d) = mlp.experts.gate_proj.stacked_weight().shape
+        mlp.x2_in = nnx.data(ExpertSquaredInputs(jnp.zeros((n_exp, batch_size, d), jnp.float32)))
+        mlp.x2_h = nnx.data(ExpertSquaredInputs(jnp.zeros((n_exp, batch_size, i), jnp.float32)))
     try:
         graphdef, state = nnx.split(block)
         total = {n: jnp.zeros((module_at(block, n).weight.shape[1],), jnp.float32) for n in names}
         outs = []
         for chunk, valid in padded_chunks(x, batch_size):  # the padded rows are not counted
-            y, sums = _apply_probed(graphdef, state, chunk, cos, sin, mask, names=names)
+            y, sums = _apply_probed(graphdef, state, chunk, cos, sin, mask, names=names, moe=bool(experts))
             outs.append(y[:valid])
-            for n in names:
-                total[n] = total[n] + jnp.sum(sums[n][:valid], axis=0)
+            for n, v in sums.items():
+                total[n] = total.get(n, 0) + jnp.sum(v[:valid] if v.ndim == 2 else v[:, :valid], axis=-2)
     finally:
         for n in names:
             module_at(block, n).weight = inner[n]
-    return jnp.concatenate(outs), {n: np.asarray(v) for n, v in total.items()}
+        if experts:
+            block.mlp.x2_in = block.mlp.x2_h = None
+    total.update(_expert_sums(total, experts))
+    return jnp.concatenate(outs), {n: np.asarray(total[n]) for n in (*names, *experts)}

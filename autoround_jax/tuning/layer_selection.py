@@ -37,7 +37,8 @@ def resolve_layers(
     """Every block linear's full HF module name -> its scheme, or None to keep it in float."""
     check_scheme(default)
     blocks = [f"{BLOCK_PREFIX}.{i}" for i in range(cfg.num_layers)]
-    shapes = {f"{blk}.{lin}": linear_shape(cfg, lin) for blk in blocks for lin in block_linear_names(cfg)}
+    shapes = {f"{blk}.{lin}": linear_shape(cfg, lin) for i, blk in enumerate(blocks)
+              for lin in block_linear_names(cfg, i)}  # MoE: experts by name (mlp.experts.E.up_proj), routers never
     names = list(shapes)
     rules = flag_rules(names, blocks, block_prefix=BLOCK_PREFIX, fp_layers=fp_layers, layer_config=layer_config,
                        to_quant_block_names=to_quant_block_names)
