@@ -343,6 +343,7 @@ class AutoRound:
     def _rtn_block(self, i: int, block: DecoderBlock, schemes: dict[str, LayerScheme],
                    imatrix: dict[str, np.ndarray]) -> None:
         """Quantize one block's layers with iters=0: opt-RTN for sym layers when enabled, else plain RTN."""
+        moe_leaves.split_schemes(block, schemes)  # the experts of a projection are stored stacked: one scheme each
         plain = {}
         for name, scheme in schemes.items():
             if not self._uses_opt_rtn(scheme) or (not self.opt_rtn_explicit and moe_leaves.expert_of(name)):

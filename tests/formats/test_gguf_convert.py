@@ -203,7 +203,7 @@ def test_interrupted_write_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("autoround_jax.io.hf_folder.save_file", crash)  # the float folder writer's weights
+    monkeypatch.setattr("autoround_jax.io.hf_folder.ShardedWriter.close", crash)  # the float folder writer's weights
     with pytest.raises(KeyboardInterrupt):
         convert_gguf_to_hf(tiny_gguf, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []

@@ -51,24 +51,36 @@ def test_arrays_are_sharded_as_asked(mesh_results, model):
     assert s["scale_shards"] == [s["v_rows"] // 2], s
 
 
-def _cli(args, devices=4):
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    return save_model(build_model("qwen3_tune", num_layers=1), str(tmp_path_factory.mktemp("one") / "m"))
+
+
+def _args(folder, out, *extra):
+    return ["--model", folder, "--iters", "2", "--nsamples", "8", "--seqlen", "16", "--output_dir", str(out), *extra]
+
+
+def test_batch_that_does_not_split_over_data_is_one_line(one_layer, tmp_path):
+    """On 4 simulated devices (a subprocess: the device count is fixed when jax starts)."""
     code = "import sys; from autoround_jax.cli import run; sys.exit(run(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], env=_env(devices), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, *_args(one_layer, tmp_path / "out", "--mesh", "data=3",
+                                                            "--batch_size", "4")],
+                          env=_env(4), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "batch_size 4 does not split over data=3" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len([ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]) == 1, proc.stderr
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--mesh", "data=3", "--batch_size", "4"], "batch_size 4 does not split over data=3"),
-    (["--mesh", "data=8"], "needs 8 devices but 4 are available"),
+    (["--mesh", "data=8"], "needs 8 devices but 1 are available"),
     (["--mesh", "model=2"], "unknown axis 'model'"),
     (["--mesh", "data2"], "write axes as name=size"),
-    (["--device_map", "0,7"], "this machine has 4 devices"),
+    (["--device_map", "0,7"], "this machine has 1 devices"),
 ])
-def test_mesh_input_errors_are_one_line(tmp_path, extra, message):
-    folder = save_model(build_model("qwen3_tune", num_layers=1), str(tmp_path / "m"))
-    proc = _cli(["--model", folder, "--iters", "2", "--nsamples", "8", "--seqlen", "16", "--output_dir",
-                 str(tmp_path / "out"), *extra])
-    assert proc.returncode != 0
-    err = proc.stderr.strip().splitlines()
-    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert len([ln for ln in err if "error" in ln.lower()]) == 1, proc.stderr
+def test_mesh_input_errors_are_one_line(one_layer, tmp_path, capsys, extra, message):
+    from autoround_jax.cli import run
+
+    assert run(_args(one_layer, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("autoround-jax: error:") and message in err[0], err
+    assert not os.path.exists(tmp_path / "out")
