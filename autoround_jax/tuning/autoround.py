@@ -404,26 +404,23 @@ class AutoRound:
             self._block_done(i)
 
     def _block_inputs(self):
-        """(first block's inputs [nsamples, T, D] from the calibration ids, cos, sin, mask for batch_size rows)."""
-        ids = self.calibration()
-        self._calibration_sha256 = hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()  # resume signature
-        ids = jnp.asarray(ids)
-        cos, sin, mask = attention_inputs(Rotary(self.config), None, self.batch_size, self.seqlen, self.compute_dtype)
-        x = jnp.take(self.source.tensor("model.embed_tokens.weight").astype(self.compute_dtype), ids, axis=0)
+        """(first block's inputs [nsamples, T, D] on the device, cos, sin, mask for batch_size rows): opt-RTN's."""
+        x, _, cos, sin, mask = self._tuning_inputs(on_device=True)
         return x, cos, sin, mask
 
-    def _tuning_inputs(self):
-        """The first block's inputs where the run keeps its activations: on the device (plain), sharded over the
-        mesh's `data` axis and zero-padded to whole batches (mesh; each process embeds only its own rows), or as
-        numpy in host memory (low_gpu_mem_usage). Plus cos, sin, mask for batch_size rows (replicated on a mesh)."""
+    def _tuning_inputs(self, on_device: bool = False):
+        """The first block's inputs where the run keeps its activations: on the device (plain, or on_device), sharded
+        over the mesh's `data` axis and zero-padded to whole batches (mesh; each process embeds only its own rows),
+        or as numpy in host memory (low_gpu_mem_usage). Plus cos, sin, mask for batch_size rows (replicated on a
+        mesh)."""
         ids = np.asarray(self.calibration())
         self._calibration_sha256 = hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()  # resume signature
         n, t = ids.shape
         cos, sin, mask = attention_inputs(Rotary(self.config), None, self.batch_size, self.seqlen, self.compute_dtype)
         dtype = jnp.dtype(self.compute_dtype)
-        if self.mesh is not None:
+        if self.mesh is not None and not on_device:
             cos, sin, mask = jax.device_put((cos, sin, mask), replicated(self.mesh))
-        if self.low_gpu_mem_usage or self.mesh is not None:
+        if not on_device and (self.low_gpu_mem_usage or self.mesh is not None):
             embed = np.asarray(self.source.tensor("model.embed_tokens.weight").astype(dtype))
             if self.low_gpu_mem_usage:
                 return embed[ids], n, cos, sin, mask

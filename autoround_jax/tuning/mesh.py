@@ -126,9 +126,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def rows_sharding(mesh: Mesh, memory_kind: str | None = None) -> NamedSharding:
+def rows_sharding(mesh: Mesh) -> NamedSharding:
     """Sharded along the leading (sample) axis over `data`, replicated over `fsdp`."""
-    return NamedSharding(mesh, P("data"), memory_kind=memory_kind)
+    return NamedSharding(mesh, P("data"))
 
 
 def put_rows(rows_of, n: int, row_shape: tuple[int, ...], dtype, mesh: Mesh, rows: int) -> jax.Array:
