@@ -1,10 +1,11 @@
 """Milliseconds per SignRound iteration on one SmolLM2 block: autoround-jax's jitted loop vs the reference's step.
 
-Both tune the same block, each in fp32 and at its amp default (bf16 operands on CPUs with bf16 units), (block 3 of the embedded SmolLM2, all 7 linears W4G128 sym) on the same random
-activations (batch 4 x 256 tokens) in one run. Ours: `tune_block` (all iterations in one jit call; compile time
-reported apart). Reference: auto-round 0.16.1's WrapperLinear-wrapped torch block, forward + backward + SignSGD
-step per iteration, as its quantize_block loop does (bookkeeping excluded).
-Run: HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_tune_step.py [--iters 20]
+Both tune the same block (block 3 of the embedded SmolLM2, all 7 linears W4G128 sym) on the same random activations
+(batch 4 x 256 tokens), each in fp32 and at its amp default (bf16 operands on CPUs with bf16 units), in one run of
+interleaved rounds; medians are reported. Ours: `tune_block` (all iterations in one jit call; compile time reported
+apart). Reference: auto-round 0.16.1's WrapperLinear-wrapped torch block, forward + backward + SignSGD step per
+iteration, as its quantize_block loop does (bookkeeping excluded).
+Run: HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_tune_step.py [--iters 20] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
     args = ap.parse_args()
 
     import jax
@@ -56,12 +58,9 @@ def main() -> None:
         tune_block(block, xc, y, cs, sn, mask, s, random.Random(0))
         return time.perf_counter() - t0
 
-    ours = {}
-    for amp in (False, True):
-        ar = AutoRound(path, iters=args.iters, progress=False, model_dtype="fp32", amp=amp)
-        first = run(ar, args.iters)
-        best = min(run(ar, args.iters) for _ in range(2))
-        ours[amp] = (1000 * best / args.iters, first, jnp.dtype(ar.compute_dtype).name)
+    ars = {amp: AutoRound(path, iters=args.iters, progress=False, model_dtype="fp32", amp=amp) for amp in (False, True)}
+    first = {amp: run(ar, args.iters) for amp, ar in ars.items()}  # includes the compilation
+    dtypes = {amp: jnp.dtype(ar.compute_dtype).name for amp, ar in ars.items()}
 
     import torch
     import transformers
@@ -101,23 +100,37 @@ def main() -> None:
         opt.zero_grad()
 
     def ref_time(amp: bool) -> float:
-        step(amp)
         t0 = time.perf_counter()
         for _ in range(args.iters):
             step(amp)
         return 1000 * (time.perf_counter() - t0) / args.iters
 
-    ref_ms, ref_amp_ms = ref_time(False), ref_time(True)
-    print(f"SmolLM2 block, W4G128 sym, batch {args.batch}x{t}, {args.iters} iterations, torch threads "
-          f"{torch.get_num_threads()}, jax {jax.__version__}, CPU flags: {cpu_flag_summary()}")
-    print("| implementation | ms per iteration |\n|---|---|")
-    print(f"| reference (auto-round 0.16.1 WrapperLinear + SignSGD, torch eager fp32) | {ref_ms:.1f} |")
-    print(f"| reference, bf16 autocast (its default amp=True on a CPU) | {ref_amp_ms:.1f} |")
-    for amp, (ms, first, dt) in ours.items():
-        print(f"| autoround-jax amp={amp} ({dt} matmuls; one jit call per block) | {ms:.1f} "
-              f"(first call incl. compile: {first:.1f} s) |")
-    print(f"ours/reference time, both fp32: {ours[False][0] / ref_ms:.2f}; both at amp=True: "
-          f"{ours[True][0] / ref_amp_ms:.2f} (goal on a CPU with bf16 units: <= 0.7)")
+    step(False), step(True)  # warm-up
+    # Interleaved rounds: each round times all four, so load that comes and goes hits every column alike.
+    rounds = {k: [] for k in ("ref32", "ref_amp", "ours32", "ours_amp")}
+    for _ in range(args.rounds):
+        rounds["ours32"].append(1000 * run(ars[False], args.iters) / args.iters)
+        rounds["ref32"].append(ref_time(False))
+        rounds["ours_amp"].append(1000 * run(ars[True], args.iters) / args.iters)
+        rounds["ref_amp"].append(ref_time(True))
+    med = {k: float(np.median(v)) for k, v in rounds.items()}
+    ratio32 = float(np.median(np.array(rounds["ours32"]) / np.array(rounds["ref32"])))
+    ratio_amp = float(np.median(np.array(rounds["ours_amp"]) / np.array(rounds["ref_amp"])))
+    print(f"SmolLM2 block, W4G128 sym, batch {args.batch}x{t}, {args.iters} iterations, {args.rounds} interleaved "
+          f"rounds (medians), torch threads {torch.get_num_threads()}, jax {jax.__version__}, "
+          f"CPU flags: {cpu_flag_summary()}")
+    print("| implementation | ms per iteration | per round |\n|---|---|---|")
+    rows = [("reference (auto-round 0.16.1 WrapperLinear + SignSGD, torch eager fp32)", "ref32"),
+            ("reference, bf16 autocast (its default amp=True on a CPU)", "ref_amp"),
+            (f"autoround-jax amp=False ({dtypes[False]} matmuls; one jit call per block; first call incl. compile "
+             f"{first[False]:.1f} s)", "ours32"),
+            (f"autoround-jax amp=True ({dtypes[True]} matmuls; one jit call per block; first call incl. compile "
+             f"{first[True]:.1f} s)", "ours_amp")]
+    for label, key in rows:
+        print(f"| {label} | {med[key]:.1f} | {', '.join(f'{v:.1f}' for v in rounds[key])} |")
+    print(f"ours/reference time (median of the per-round ratios), both fp32: {ratio32:.2f}; both at amp=True: "
+          f"{ratio_amp:.2f} (goal on a CPU with bf16 units: <= 0.7)")
+
 
 if __name__ == "__main__":
     main()

@@ -97,10 +97,14 @@ def _exact_div(x: jax.Array, d: jax.Array | int) -> jax.Array:
     """x / d as one IEEE division per element, like torch.
 
     XLA's simplifier turns division by a constant or by a broadcast into multiplication by a reciprocal, which
-    rounds differently; broadcasting the divisor to full shape behind an optimization barrier prevents that.
+    rounds differently. Adding a zero that depends on x (x * 0, gradient stopped) makes the divisor an ordinary
+    element-wise value the simplifier leaves alone, and it stays inside the consumer's fusion: nothing full-size is
+    materialised (an optimization barrier around the broadcast divisor did the same but wrote it out every call).
     """
     d = jnp.asarray(d, x.dtype) if isinstance(d, int) else d
-    return x / jax.lax.optimization_barrier(jnp.broadcast_to(d, jnp.broadcast_shapes(x.shape, d.shape)))
+    shape = jnp.broadcast_shapes(x.shape, jnp.shape(d))
+    zero = jax.lax.stop_gradient(x) * 0
+    return x / (jnp.broadcast_to(d, shape) + zero.astype(jnp.result_type(d)))
 
 
 def _scale_thresh(scale_dtype) -> float:
@@ -153,6 +157,15 @@ def _quantize_grouped(w, v, min_scale, max_scale, bits, group_size, sym, scale_d
     Sym is written as clamp(round(W/s + V) + 2^(b-1), 0, 2^b - 1) - 2^(b-1), which equals the reference's
     clamp(round(W/s + V), -2^(b-1), 2^(b-1) - 1) exactly (integers in float), with the same clamp gradient.
     """
+    wg, pad, scale, zp = _grouped_scales(w, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0,
+                                         minmax_bound, init_scale)
+    q = clamp_ste(round_ste(_exact_div(wg, scale[:, None]) + v) + zp[:, None], 0, 2**bits - 1)
+    return pad, scale, zp, q
+
+
+def _grouped_scales(w, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0,
+                    minmax_bound=MINMAX_SCALE_BOUND, init_scale=None):
+    """(wg [M, G], pad, scale [M] in scale_dtype, zp [M]): the per-group part of _quantize_grouped."""
     check_bits(bits)
     wg, pad = group_reshape(w, group_size)
     if wmin0 is None or wmax0 is None:
@@ -167,8 +180,52 @@ def _quantize_grouped(w, v, min_scale, max_scale, bits, group_size, sym, scale_d
             wmin0, wmax0, _clip_minmax_scale(min_scale, minmax_bound), _clip_minmax_scale(max_scale, minmax_bound),
             bits, scale_dtype
         )
-    q = clamp_ste(round_ste(_exact_div(wg, scale[:, None]) + v) + zp[:, None], 0, 2**bits - 1)
-    return pad, scale, zp, q
+    return wg, pad, scale, zp
+
+
+def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum x over the axes a broadcast to x.shape added or stretched (the transpose of that broadcast)."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fake_quant_grouped(wg, v, scale, zp, maxq: int):
+    """scale * (clamp(round(wg / scale + v) + zp, 0, maxq) - zp) per group row: the tuned qdq's full-size part.
+
+    The same values, dtype promotions and straight-through gradients as composing round_ste and clamp_ste, but
+    differentiated by hand: the forward is one fused pass, the backward recomputes the codes and produces dV and
+    the per-group scale and zero-point gradients. Autodiff of the composition kept several full-size intermediates
+    and, through the fp16 scale's broadcast, rounded every element's scale gradient to fp16 before summing; here
+    the scale's gradient is summed in f32 and rounded to the scale's dtype once per group. (Torch rounds each of
+    the scale's two uses to fp16 and then adds them, so the two differ at fp16 rounding, where they nearly cancel.)
+    """
+    s, z = scale[:, None], zp[:, None]
+    q = jnp.clip(jnp.round(_exact_div(wg, s) + v) + z, 0, maxq)
+    return s * (q - z)
+
+
+def _fake_quant_grouped_fwd(wg, v, scale, zp, maxq):
+    return _fake_quant_grouped(wg, v, scale, zp, maxq), (wg, v, scale, zp)
+
+
+def _fake_quant_grouped_bwd(maxq, res, g):
+    wg, v, scale, zp = res
+    s, z = scale[:, None], zp[:, None]
+    t = _exact_div(wg, s)
+    u = jnp.round(t + v) + z
+    inside = (u >= 0) & (u <= maxq)  # torch.clamp passes the gradient at the bounds too
+    gq = g * s  # d out / d q
+    du = jnp.where(inside, gq, jnp.zeros_like(gq))
+    # scale's two uses, in scale * (q - zp) and in wg / scale (-du * wg / scale^2 = -inside * g * t), summed in f32
+    # in one reduction (each reduction writes its full-size input out first on XLA:CPU)
+    d_scale = jnp.sum(g * ((jnp.clip(u, 0, maxq) - z) - jnp.where(inside, t, jnp.zeros_like(t))), axis=1)
+    d_zp = jnp.sum(jnp.where(inside, jnp.zeros_like(gq), -gq), axis=1)  # zp's uses: + du and - g * scale
+    return None, _sum_to(du, jnp.shape(v)).astype(v.dtype), d_scale.astype(scale.dtype), d_zp.astype(zp.dtype)
+
+
+_fake_quant_grouped.defvjp(_fake_quant_grouped_fwd, _fake_quant_grouped_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "scale_dtype", "minmax_bound"))
@@ -198,10 +255,9 @@ def qdq(
     zp [N, ng] float32 (2^(b-1) for sym)).
     """
     n, k = w.shape
-    pad, scale, zp, q = _quantize_grouped(
-        w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0, minmax_bound, init_scale
-    )
-    w_qdq = (scale[:, None] * (q - zp[:, None])).astype(w.dtype)
+    wg, pad, scale, zp = _grouped_scales(w, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0,
+                                         minmax_bound, init_scale)
+    w_qdq = _fake_quant_grouped(wg, v, scale, zp, 2**bits - 1).astype(w.dtype)
     return (
         group_unreshape(w_qdq, n, k, pad),
         scale.astype(jnp.float32).reshape(n, -1),

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ..models.precision import cpu_tuned_jit
 from .fake_quant import ClipScale, Rounding
 from .mesh import take_rows
 from .recipes import DEFAULT, Recipe
@@ -126,7 +127,7 @@ def _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, *, iters, b
 _STATIC = ("graphdef", "iters", "batch_size", "gas", "not_use_best_mse", "mesh", "recipe")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(cpu_tuned_jit, static_argnames=_STATIC)
 def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, lr, minmax_lr, *,
           iters, batch_size, gas, not_use_best_mse, mesh=None, recipe: Recipe = DEFAULT):
     """Every iteration in one fori_loop; mini-batches gathered on device (over the data shards on a mesh)."""
@@ -142,7 +143,7 @@ def _tune(graphdef, rounding, scales, rest, x_q, y_fp, cos, sin, mask, indices, 
     return best, loss0, best_loss, best_iter
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(cpu_tuned_jit, static_argnames=_STATIC)
 def _tune_chunk(graphdef, carry, rest, xb, yb, start, cos, sin, mask, lr, minmax_lr, *,
                 iters, batch_size, gas, not_use_best_mse, mesh=None, recipe: Recipe = DEFAULT):
     """Iterations start .. start+k-1 on mini-batches brought from host memory: xb, yb [k, gas, batch_size, T, D]."""
@@ -159,7 +160,7 @@ def _tune_chunk(graphdef, carry, rest, xb, yb, start, cos, sin, mask, lr, minmax
     return jax.lax.fori_loop(start, start + xb.shape[0], body, carry)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(cpu_tuned_jit, static_argnames=_STATIC)
 def _tune_init(graphdef, rounding, scales, rest, cos, sin, mask, lr, minmax_lr, *,
                iters, batch_size, gas, not_use_best_mse, mesh=None, recipe: Recipe = DEFAULT):
     _, init = _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, None, iters=iters,

@@ -87,3 +87,61 @@ def test_attention_einsum_gradients_match_the_oracle():
 def test_materialized_transpose_is_the_transpose_under_jit():
     a = jnp.asarray(np.arange(12 * 5, dtype=np.float32).reshape(12, 5), jnp.bfloat16)
     assert np.array_equal(np.asarray(jax.jit(lambda a: precision.physical_transpose(a, (1, 0)))(a)), np.asarray(a).T)
+
+
+def _attention_oracle(q, k, v, mask, kv_heads):
+    """float64 numpy softmax attention (GQA) on the bf16-rounded inputs, and its gradients for cotangent r."""
+    b, t, h, d = q.shape
+    g = h // kv_heads
+    qg = q.reshape(b, t, kv_heads, g, d)
+    s = np.einsum("btkgd,bskd->bkgts", qg, k) / np.sqrt(d)
+    s = np.where(mask[:, None, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return p, qg
+
+
+def test_attention_custom_vjp_matches_the_float64_oracle():
+    """models/decoder._softmax_attention (amp): forward and hand-written backward against float64 softmax attention
+    on the same bf16-rounded q, k, v (causal mask, 2 query heads per KV head)."""
+    from autoround_jax.models.decoder import _attend, causal_mask
+
+    rng = np.random.default_rng(3)
+    b, t, kvh, g, d = 2, 7, 2, 2, 8
+    q, k, v = (_bf16(rng.standard_normal(s)) for s in ((b, t, kvh * g, d), (b, t, kvh, d), (b, t, kvh, d)))
+    r = _bf16(rng.standard_normal((b, t, kvh * g, d)))
+    mask = np.asarray(causal_mask(None, b, t))
+    j = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    out, vjp = jax.vjp(lambda q, k, v: _attend(q, k, v, jnp.asarray(mask), kvh), j(q), j(k), j(v))
+    dq, dk, dv = vjp(j(r))
+
+    p, qg = _attention_oracle(q, k, v, mask, kvh)
+    want = np.einsum("bkgts,bskd->btkgd", p, v).reshape(out.shape)
+    rg = r.reshape(b, t, kvh, g, d)
+    dp = np.einsum("btkgd,bskd->bkgts", rg, v)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(d)
+    wants = (want, np.einsum("bkgts,bskd->btkgd", ds, k).reshape(dq.shape), np.einsum("bkgts,btkgd->bskd", ds, qg),
+             np.einsum("bkgts,btkgd->bskd", p, rg))
+    for got, ref in zip((out, dq, dk, dv), wants):
+        assert got.dtype == jnp.bfloat16 and got.shape == ref.shape
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
+def test_cpu_tuned_jit_compiles_half_float_calls_with_ynn_dots_only(monkeypatch):
+    """Calls with bf16 arguments compile with YNN_DOTS_ONLY (where this jaxlib has the option), fp32 calls with
+    XLA's defaults; under the option XLA:CPU no longer hands reductions to YNNPACK."""
+    options = precision.cpu_compiler_options()  # decided before jax.jit is spied on
+    seen = []
+    real_jit = jax.jit
+    monkeypatch.setattr(precision.jax, "jit", lambda fn, **kw: seen.append(kw.get("compiler_options")) or real_jit(fn, **kw))
+    f = precision.cpu_tuned_jit(lambda x: jnp.sum(jnp.sin(x.astype(jnp.float32)), axis=-1))
+    f32, bf16 = jnp.ones((64, 256), jnp.float32), jnp.ones((64, 256), jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(f(f32)), np.asarray(f(bf16)), rtol=1e-6)
+    f(bf16)
+    assert seen == [None, options]  # one plain jit, one half-float jit, each built once
+    if options is None:
+        pytest.skip("this backend or jaxlib has no YNNPACK fusion option")
+    assert options == precision.YNN_DOTS_ONLY
+    x = jnp.ones((64, 256), jnp.float32)
+    red = lambda x: jnp.sum(jnp.sin(x), axis=-1)  # noqa: E731
+    assert "__ynn_fusion" not in real_jit(red, compiler_options=options).lower(x).compile().as_text()

@@ -111,7 +111,12 @@ def test_amp_on_a_bf16_cpu_tunes_in_bf16_and_records_it(folder, ids, monkeypatch
     assert bf16.compute_dtype == jnp.bfloat16 and fp32.compute_dtype == jnp.float32
     for a, b in zip(bf16.reports, fp32.reports):
         assert a.loss_best < a.loss_rtn, a
-        assert abs(a.loss_rtn - b.loss_rtn) <= 0.05 * b.loss_rtn, (a, b)
+        # Block 0 sees the same inputs in both runs, so its RTN loss differs only by the matmul precision. Later
+        # blocks' inputs come out of differently tuned earlier blocks (SignSGD follows the gradients' signs, and
+        # bf16 flips some), so their losses agree only as closely as two tuning runs do.
+        tol = 0.01 if a.index == 0 else 0.1
+        assert abs(a.loss_rtn - b.loss_rtn) <= tol * b.loss_rtn, (a, b)
+        assert abs(a.loss_best - b.loss_best) <= 0.1 * b.loss_best, (a, b)
     assert "amp" not in tuning_settings(bf16.result())  # the reference's default amp=True is not written
     assert tuning_settings(fp32.result())["amp"] is False
     monkeypatch.setenv("AUTOROUND_JAX_CPU_BF16", "0")

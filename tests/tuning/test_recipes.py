@@ -1,10 +1,12 @@
 """The research API (tuning/recipes.py): the default recipe is the pre-recipe tuner byte for byte, and a custom
 objective passed as a callable is really used and compiles once per block shape.
 
-The pre-recipe tuner is not copied anywhere: the test reads `signround.py` and `qdq.py` as they were at commit
-PRE_RECIPES (the last commit before recipes existed) out of this checkout's git history, runs the tuning pipeline
-through them, and compares the exported files with a run through the current code. Without git history (an sdist)
-that test skips; the other tests need nothing but the package.
+The pre-recipe tuner is not copied anywhere: the test reads `signround.py` as it was at commit PRE_RECIPES (the last
+commit before recipes existed) out of this checkout's git history, runs the tuning pipeline through it, and compares
+the exported files with a run through the current code. Both sides use today's qdq: its backward was rewritten by
+hand later (issue 18: same values, the scale gradient summed in f32 as torch does), which tests/quant/test_qdq.py
+checks against torch autograd, and today's compiler options. Without git history (an sdist) that test skips; the
+other tests need nothing but the package.
 """
 
 import importlib.util
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from autoround_jax.models.precision import cpu_tuned_jit
 from autoround_jax.quant.scheme import LayerScheme
 from autoround_jax.tuning import autoround as autoround_mod
 from autoround_jax.tuning import fake_quant, recipes, signround
@@ -75,23 +78,16 @@ def test_default_recipe_exports_the_pre_recipe_tuner_bytes(folder, ids, base, tm
     new = _export_bytes(base, tmp_path / "new")
 
     old_sr = _old_module("autoround_jax/tuning/signround.py", "_signround_pre_recipes", "autoround_jax.tuning")
-    old_qdq = _old_module("autoround_jax/quant/qdq.py", "_qdq_pre_recipes", "autoround_jax.quant")
     assert "recipe" not in old_sr._tune.__wrapped__.__code__.co_varnames  # really the old loop
+    old_sr._tune = cpu_tuned_jit(old_sr._tune.__wrapped__,
+                                 static_argnames=("graphdef", "iters", "batch_size", "gas", "not_use_best_mse"))
 
     def old_tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng, mesh=None, nsamples=None, host_chunk=0,
                        recipe=recipes.DEFAULT):
         assert recipe == recipes.DEFAULT and mesh is None and nsamples == x_q.shape[0]  # one device, no padding
         return old_sr.tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng)
 
-    def old(fn):
-        def call(*args, minmax_bound, init_scale, **kw):
-            assert minmax_bound == (0.0, 1.0) and init_scale is None
-            return fn(*args, **kw)
-        return call
-
     monkeypatch.setattr(autoround_mod, "tune_block", old_tune_block)
-    monkeypatch.setattr(fake_quant, "qdq", old(old_qdq.qdq))
-    monkeypatch.setattr(fake_quant, "quantize_to_codes", old(old_qdq.quantize_to_codes))
     before = _export_bytes(_run(folder, ids), tmp_path / "old")
     assert sorted(new) == sorted(before) and "model.safetensors" in new
     for f in new:
@@ -116,15 +112,19 @@ def test_custom_objective_callable_is_used_and_compiles_once(folder, ids, base):
         return 2.0 * recipes.mse(out, target, mask)
 
     before = signround.TRACE_COUNT["tune"]
-    twice = _run(folder, ids, objective=double)
+    twice = _run(folder, ids, objective=double, scale_dtype="fp32")
     assert signround.TRACE_COUNT["tune"] - before == 1  # two identical blocks, one compilation
+    once = _run(folder, ids, scale_dtype="fp32")
+    # fp32 scales: with the default fp16 ones the clip-scale gradients of this tiny random model are rounded to
+    # fp16 near its subnormal range, where x and 2x do not always round alike, and the two runs drift apart (85%
+    # equal codes, measured) for reasons that have nothing to do with the objective being used.
     # Block 0 sees the same inputs: its RTN loss is twice the default's (to float rounding: XLA may fold the 2 into
     # the mean's 1/n). Tuning then follows the same signs except where rounding flips a gradient that is ~0, so
     # later losses and codes agree closely rather than bit for bit.
-    np.testing.assert_allclose(twice.reports[0].loss_rtn, 2 * base.reports[0].loss_rtn, rtol=1e-6)
-    for a, b in zip(base.reports, twice.reports):
+    np.testing.assert_allclose(twice.reports[0].loss_rtn, 2 * once.reports[0].loss_rtn, rtol=1e-6)
+    for a, b in zip(once.reports, twice.reports):
         np.testing.assert_allclose(b.loss_best, 2 * a.loss_best, rtol=2e-2)
-    same = np.mean([(qw.codes == twice.quantized[k].codes).mean() for k, qw in base.quantized.items()])
+    same = np.mean([(qw.codes == twice.quantized[k].codes).mean() for k, qw in once.quantized.items()])
     assert same > 0.98, same
 
     zero = _run(folder, ids, objective=lambda out, target, mask: 0.0 * recipes.mse(out, target, mask))
