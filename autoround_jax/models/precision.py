@@ -192,16 +192,20 @@ def _mixed(spec: str, out_f32: bool, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _mixed_fwd(spec, out_f32, a, b):
-    return _mixed(spec, out_f32, a, b), (a, b)
+    # Keep b in a's dtype, the copy the dot used, for the backward's dx dot: keeping the fp32 b (the fake-quant
+    # weight) wrote it out in full and converted it again in the backward. A 0-d array carries b's dtype.
+    bc = b.astype(a.dtype)
+    y = f32_einsum(spec, a, bc)
+    return (y if out_f32 else y.astype(a.dtype)), (a, bc, jnp.zeros((), b.dtype))
 
 
 def _mixed_bwd(spec, out_f32, res, g):
-    a, b = res
+    a, bc, b_dtype = res
     cd = a.dtype
     spec_a, spec_b = _grad_specs(spec)
     g = g.astype(cd)
-    da = f32_einsum(spec_a, g, b.astype(cd)).astype(a.dtype)
-    db = f32_einsum(spec_b, a, g).astype(b.dtype)  # stays f32 when b is (the fake-quant weight: V's gradient path)
+    da = f32_einsum(spec_a, g, bc).astype(a.dtype)
+    db = f32_einsum(spec_b, a, g).astype(b_dtype.dtype)  # stays f32 for an f32 b (the fake-quant weight: V's path)
     return da, db
 
 
