@@ -264,3 +264,27 @@ def calibration_ids(
             "--nsamples or --seqlen, add ':concat=True' to the dataset, or use more text"
         )
     return np.stack(rows[:nsamples])
+
+
+def valid_token_mask(ids: np.ndarray, pad_token_id: int | None) -> np.ndarray | None:
+    """The positions the reference's block loss counts, [nsamples, T] float32 (1 = counted), or None when that is
+    every position but the last of every sample (the tuner's fixed mask then serves).
+
+    As auto-round's LLMCalibrator marks them with -100: tokens equal to the tokenizer's pad id (SmolLM2's and Qwen's
+    pad token is also their EOS, which separates concatenated documents), or, when the tokenizer has no pad id,
+    each sample's trailing run of repeats of its last token; and always the last position (no next-token target).
+    """
+    ids = np.asarray(ids)
+    keep = np.ones(ids.shape, np.float32)
+    if pad_token_id is not None:
+        keep[ids == pad_token_id] = 0.0
+    else:
+        for r, row in enumerate(ids):
+            j = row.shape[0] - 2
+            while j >= 0 and row[j] == row[-1]:
+                keep[r, j] = 0.0
+                j -= 1
+    keep[:, -1] = 0.0
+    if keep[:, :-1].all():
+        return None
+    return keep

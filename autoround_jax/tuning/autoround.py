@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ..data.calibration import DatasetError, calibration_ids
+from ..data.calibration import DatasetError, calibration_ids, valid_token_mask
 from ..models.decoder import CausalLM, DecoderBlock, Rotary, attention_inputs
 from ..models.layers import FloatWeight
 from ..models.loading import ModelSource, parse_dtype
@@ -415,6 +415,7 @@ class AutoRound:
         mesh)."""
         ids = np.asarray(self.calibration())
         self._calibration_sha256 = hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()  # resume signature
+        self._valid = valid_token_mask(ids, getattr(self.tokenizer, "pad_token_id", None))  # the loss's positions
         n, t = ids.shape
         cos, sin, mask = attention_inputs(Rotary(self.config), None, self.batch_size, self.seqlen, self.compute_dtype)
         dtype = jnp.dtype(self.compute_dtype)
@@ -483,7 +484,7 @@ class AutoRound:
             if schemes:
                 self._to_fake_quant(block, schemes, imatrix)
                 r = tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng, mesh=self.mesh, nsamples=n,
-                               host_chunk=HOST_CHUNK_ITERS, recipe=self.recipe)
+                               host_chunk=HOST_CHUNK_ITERS, recipe=self.recipe, valid=self._valid)
                 timer.lap("step")
                 report.loss_rtn, report.loss_best, report.best_iter = r.loss_rtn, r.loss_best, r.best_iter
                 self._finalize(i, block, schemes)

@@ -4,7 +4,8 @@ The reference's behaviour is the default of each part, so `Recipe()` tunes exact
 existed (tests/tuning/test_recipes.py checks byte-identical exports against the pre-recipe tuner):
 
 - objective: `(out, target, mask) -> scalar`, out/target [B, T, D] in any float dtype, mask [1, T, 1] float (0 at
-  each sample's last position, which has no next-token target). Default "mse": fp32 MSE of the masked difference.
+  each sample's last position, which has no next-token target), or [B, T, 1] when the calibration tokens hold pad
+  tokens (0 there too: data/calibration.valid_token_mask). Default "mse": fp32 MSE of the masked difference.
 - optimizer: `(lr, iters) -> optax.GradientTransformation` (lr is a traced fp32 scalar). Default "signsgd":
   p <- p - lr * (1 - t/iters) * sign(g). `minmax_optimizer` (None: the same factory) trains the clip scales.
 - parameterization: V (init 0) plus per-group min/max clip scales with value range `clip_range` (default (0, 1))

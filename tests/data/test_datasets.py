@@ -101,3 +101,20 @@ def test_good_specs_pass_the_early_check(tmp_path):
     f.write_text('{"text": "x"}\n')
     for spec in (None, "self", "fortunes", "fortunes:num=8:concat=True", "NeelNanda/pile-10k", f"{f},fortunes"):
         check_dataset(spec)
+
+
+def test_valid_token_mask_follows_the_reference_calibrator():
+    """auto-round's LLMCalibrator marks pad tokens (or, without a pad id, each sample's trailing repeats of its last
+    token) and every last position with -100; the loss counts the rest. All-but-last everywhere -> None."""
+    import numpy as np
+
+    from autoround_jax.data.calibration import valid_token_mask
+
+    ids = np.array([[5, 2, 7, 8, 2, 9],    # pad id 2 inside
+                    [5, 6, 7, 8, 9, 9],    # trailing repeat: only counted without a pad id
+                    [3, 4, 4, 4, 4, 4]])
+    np.testing.assert_array_equal(valid_token_mask(ids, 2), [[1, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0],
+                                                             [1, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(valid_token_mask(ids, None), [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0],
+                                                                [1, 0, 0, 0, 0, 0]])
+    assert valid_token_mask(np.array([[5, 6, 7], [1, 2, 3]]), 0) is None  # the tuner's fixed mask serves

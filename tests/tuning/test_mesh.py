@@ -33,7 +33,8 @@ def mesh_results(tmp_path_factory):
     return json.loads(line[0][len("RESULT "):])
 
 
-@pytest.mark.parametrize("run", ["qwen3 data=8", "qwen3 data=4,fsdp=2", "qwen3 data=2+low", "qwen2 data=4,fsdp=2"])
+@pytest.mark.parametrize("run", ["qwen3 data=8", "qwen3 data=4,fsdp=2", "qwen3 data=2+low", "qwen2 data=4,fsdp=2",
+                                 "qwen3 data=4 masked", "qwen3 data=2+low masked"])
 def test_sharded_run_reproduces_one_device(mesh_results, run):
     r = mesh_results[run]
     assert r["codes_equal"] >= 0.999, r

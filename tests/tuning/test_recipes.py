@@ -83,8 +83,9 @@ def test_default_recipe_exports_the_pre_recipe_tuner_bytes(folder, ids, base, tm
                                  static_argnames=("graphdef", "iters", "batch_size", "gas", "not_use_best_mse"))
 
     def old_tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng, mesh=None, nsamples=None, host_chunk=0,
-                       recipe=recipes.DEFAULT):
-        assert recipe == recipes.DEFAULT and mesh is None and nsamples == x_q.shape[0]  # one device, no padding
+                       recipe=recipes.DEFAULT, valid=None):
+        # one device, no padding, and no pad tokens in these random ids (the fixed last-position mask)
+        assert recipe == recipes.DEFAULT and mesh is None and nsamples == x_q.shape[0] and valid is None
         return old_sr.tune_block(block, x_q, y_fp, cos, sin, mask, settings, rng)
 
     monkeypatch.setattr(autoround_mod, "tune_block", old_tune_block)
@@ -180,3 +181,45 @@ def test_describe_names_the_changed_parts():
     assert recipes.describe(recipes.DEFAULT) == ""
     r = recipes.make_recipe(objective="l1", optimizer="adam", clip_range=(0.0, 2.0))
     assert recipes.describe(r) == "objective=l1, optimizer=adam, clip_range=(0.0, 2.0)"
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_per_sample_mask_positions_cannot_move_the_tuning(folder, ids, host):
+    """With a per-sample valid mask (the reference's pad-token mask), whatever the float targets hold at masked
+    positions leaves V, the clip scales and the best iteration unchanged; without the mask it changes them. The
+    host-memory loop (low_gpu_mem_usage) gathers the mask with its mini-batches."""
+    import random
+
+    import jax
+
+    from autoround_jax.data.calibration import valid_token_mask
+    from autoround_jax.models.decoder import attention_inputs, Rotary
+
+    ar = AutoRound(folder, dataset=ids, **SMALL)
+    t = ids.shape[1]
+    marked = ids.copy()
+    marked[:, 5] = marked[:, 17] = 2  # two "pad" positions per sample
+    valid = valid_token_mask(marked, 2)
+    x = np.random.default_rng(0).standard_normal((8, t, ar.config.hidden_size)).astype(np.float32)
+    y = x + 0.1 * np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    y_bad = y.copy()
+    y_bad[:, [5, 17]] += 50.0  # only the masked positions differ
+    cos, sin, mask = attention_inputs(Rotary(ar.config), None, 4, t, jnp.float32)
+    settings = signround.TuneSettings(8, 1 / 8, 1 / 8, 4, 1, False)
+
+    def tuned(target, v):
+        block = ar._load_block(0)
+        ar._to_fake_quant(block, ar._block_schemes(0))
+        xs, ys = (x, target) if host else (jnp.asarray(x), jnp.asarray(target))
+        r = signround.tune_block(block, xs, ys, cos, sin, mask, settings, random.Random(0), host_chunk=3, valid=v)
+        return r.best_iter, [np.asarray(a) for a in jax.tree.leaves(nnx_params(block))]
+
+    a, b, c = tuned(y, valid), tuned(y_bad, valid), tuned(y_bad, None)
+    assert a[0] == b[0] and all(np.array_equal(p, q) for p, q in zip(a[1], b[1]))
+    assert not all(np.array_equal(p, q) for p, q in zip(a[1], c[1]))
+
+
+def nnx_params(block):
+    from flax import nnx
+
+    return nnx.state(block, fake_quant.Rounding, fake_quant.ClipScale)
