@@ -98,8 +98,8 @@ def _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, *, iters, b
     grad_fn = jax.value_and_grad(loss_fn)
 
     def counted(batch) -> jax.Array:
-        """Tokens the loss counts in a micro-batch (per-sample masks only; 1 otherwise)."""
-        return jnp.sum(batch[2].astype(jnp.float32)) if len(batch) == 3 else jnp.float32(1)
+        """Tokens the loss counts in a micro-batch (per-sample masks only; 0 otherwise, read as 1 below)."""
+        return jnp.sum(batch[2].astype(jnp.float32)) if len(batch) == 3 else jnp.float32(0)
 
     def body(i, carry):
         params, opt_state, best, (best_loss, best_score), best_iter, loss0 = carry
@@ -117,9 +117,9 @@ def _make_body(graphdef, rest, cos, sin, mask, lr, minmax_lr, fetch, *, iters, b
             (loss, grads, tokens), _ = jax.lax.scan(micro, zero, jnp.arange(gas))
             loss = loss / gas
         # With per-sample masks the reference ranks iterations by the loss divided by the tokens it counted in the
-        # mini-batch (its logged loss); with the fixed last-position mask that count is constant (here 1), so the
-        # ranking is the plain loss's. The reports keep the plain loss.
-        score = loss / tokens
+        # mini-batch (its logged loss); with the fixed last-position mask that count is constant, so the ranking is
+        # the plain loss's (the divisor is then exactly 1). The reports keep the plain loss.
+        score = loss / jnp.maximum(tokens, 1.0)
         take = (i == iters - 1) if not_use_best_mse else (score < best_score)
         # Copy the parameters only on the iterations that improve (a select would rewrite every element each time).
         best = jax.lax.cond(take, lambda: params, lambda: best)
