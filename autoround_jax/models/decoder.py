@@ -129,8 +129,7 @@ def _softmax_attention(qz, kz, vz, mask, shape):
     probabilities the forward fed to its second matmul: masked positions have P = 0, so no mask select, no f32
     copy of P and no separate softmax-Jacobian passes are needed (autodiff of the composition spent about a tenth
     of a tuning step on the [B, KVH, G, T, S] element-wise passes on a 2-core CPU)."""
-    probs = _attention_probs(qz, kz, mask, shape).astype(qz.dtype)
-    return f32_einsum("zqs,zsd->zqd", probs, vz).astype(qz.dtype)
+    return _softmax_attention_fwd(qz, kz, vz, mask, shape)[0]
 
 
 def _softmax_attention_fwd(qz, kz, vz, mask, shape):

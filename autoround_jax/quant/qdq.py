@@ -150,22 +150,14 @@ def _asym_scale(wmin0, wmax0, min_scale, max_scale, bits, scale_dtype):
     return scale, round_ste(_exact_div(-wmin, scale))
 
 
-def _quantize_grouped(w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0,
-                      minmax_bound=MINMAX_SCALE_BOUND, init_scale=None):
-    """Shared core: (pad, scale [M], zp [M], q [M, G]) with q the clamped unsigned code as a float.
+def _grouped_scales(w, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0,
+                    minmax_bound=MINMAX_SCALE_BOUND, init_scale=None):
+    """(wg [M, G], pad, scale [M] in scale_dtype, zp [M]): W grouped (zero-padded to whole groups) and each group's
+    scale and zero point (float; 2^(b-1) for sym).
 
     Sym is written as clamp(round(W/s + V) + 2^(b-1), 0, 2^b - 1) - 2^(b-1), which equals the reference's
     clamp(round(W/s + V), -2^(b-1), 2^(b-1) - 1) exactly (integers in float), with the same clamp gradient.
     """
-    wg, pad, scale, zp = _grouped_scales(w, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0,
-                                         minmax_bound, init_scale)
-    q = clamp_ste(round_ste(_exact_div(wg, scale[:, None]) + v) + zp[:, None], 0, 2**bits - 1)
-    return pad, scale, zp, q
-
-
-def _grouped_scales(w, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0,
-                    minmax_bound=MINMAX_SCALE_BOUND, init_scale=None):
-    """(wg [M, G], pad, scale [M] in scale_dtype, zp [M]): the per-group part of _quantize_grouped."""
     check_bits(bits)
     wg, pad = group_reshape(w, group_size)
     if wmin0 is None or wmax0 is None:
@@ -310,10 +302,9 @@ def quantize_to_codes(
     8-bit asym bf16 weights, where the reference's stored code then differs by one from its tuning-time q.
     """
     n, k = w.shape
-    pad, scale, zp, q = _quantize_grouped(
-        w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0, minmax_bound, init_scale
-    )
-    w_qdq = (scale[:, None] * (q - zp[:, None])).astype(w.dtype)
+    wg, pad, scale, zp = _grouped_scales(w, min_scale, max_scale, bits, group_size, sym, scale_dtype, wmin0, wmax0,
+                                         minmax_bound, init_scale)
+    w_qdq = _fake_quant_grouped(wg, v, scale, zp, 2**bits - 1).astype(w.dtype)
     codes = jnp.clip(jnp.round(_exact_div(w_qdq, scale[:, None]) + zp[:, None]), 0, 2**bits - 1)
     return QuantizedWeight(
         codes=group_unreshape(codes.astype(jnp.uint8), n, k, pad),
