@@ -23,6 +23,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
+    ap.add_argument("--settle", type=float, default=1.0,
+                    help="seconds of idle before each timed section: torch's OpenMP workers keep spinning for a "
+                         "while after its last op and would otherwise take a core from whatever runs next")
     args = ap.parse_args()
 
     import jax
@@ -108,11 +111,15 @@ def main() -> None:
     step(False), step(True)  # warm-up
     # Interleaved rounds: each round times all four, so load that comes and goes hits every column alike.
     rounds = {k: [] for k in ("ref32", "ref_amp", "ours32", "ours_amp")}
+    def settled(fn, *a):
+        time.sleep(args.settle)
+        return fn(*a)
+
     for _ in range(args.rounds):
-        rounds["ours32"].append(1000 * run(ars[False], args.iters) / args.iters)
-        rounds["ref32"].append(ref_time(False))
-        rounds["ours_amp"].append(1000 * run(ars[True], args.iters) / args.iters)
-        rounds["ref_amp"].append(ref_time(True))
+        rounds["ours32"].append(1000 * settled(run, ars[False], args.iters) / args.iters)
+        rounds["ref32"].append(settled(ref_time, False))
+        rounds["ours_amp"].append(1000 * settled(run, ars[True], args.iters) / args.iters)
+        rounds["ref_amp"].append(settled(ref_time, True))
     med = {k: float(np.median(v)) for k, v in rounds.items()}
     ratio32 = float(np.median(np.array(rounds["ours32"]) / np.array(rounds["ref32"])))
     ratio_amp = float(np.median(np.array(rounds["ours_amp"]) / np.array(rounds["ref_amp"])))

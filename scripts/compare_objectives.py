@@ -55,6 +55,8 @@ def main() -> None:
     p.add_argument("--eval_tokens", type=int, default=4096)
     p.add_argument("--recipes", default="default,alg_ext,cosine,adam,token_norm")
     p.add_argument("--out", default="out/compare_objectives")
+    p.add_argument("--amp", action="store_true", help="both sides at their amp default (bf16 matmul operands on "
+                   "a CPU with bf16 units, as each runs out of the box there) instead of exact fp32")
     p.add_argument("--reference", default="", help="also run the torch reference (auto-round 0.16.1) for these "
                    "comma-separated recipes among default,alg_ext, on the same tokens and blocks")
     args = p.parse_args()
@@ -80,7 +82,7 @@ def main() -> None:
     ppl_float = perplexity_of_windows(float_model, windows)
     del float_model
     common = dict(scheme=args.scheme, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
-                  batch_size=args.batch_size, dataset=ids, fp_layers=fp_layers, model_dtype="fp32", amp=False,
+                  batch_size=args.batch_size, dataset=ids, fp_layers=fp_layers, model_dtype="fp32", amp=args.amp,
                   progress=False)
 
     rows, per_block = [], {}
@@ -111,7 +113,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     head = (f"{os.path.basename(os.path.normpath(path))}, {args.scheme}, first {args.blocks} of {n_layers} blocks "
             f"quantized, iters {args.iters}, nsamples {args.nsamples} x seqlen {args.seqlen}, batch {args.batch_size}, "
-            f"fp32; held-out perplexity over {windows.size} tokens: float {ppl_float:.3f}, RTN {ppl_rtn:.3f}")
+            f"{'amp (both sides at their default)' if args.amp else 'fp32'}; held-out perplexity over {windows.size} "
+            f"tokens: float {ppl_float:.3f}, RTN {ppl_rtn:.3f}")
     rtn_mse = float(np.mean(block_mse(rtn, args.blocks)))
     lines = [head, "", f"mean block MSE: each quantized block's output against the float block's, both fed the "
              f"previous blocks' outputs of their own model, last positions masked (RTN: {rtn_mse:.5g}); own loss: "
@@ -176,7 +179,7 @@ def _run_reference(path, tok, ids, windows, args, n_layers: int, enable_alg_ext:
     data = [torch.from_numpy(row[None].astype(np.int64)) for row in np.asarray(ids)]
     ar = RefAutoRound(model, tokenizer=tok, bits=s.bits, group_size=s.group_size, sym=s.sym, iters=args.iters,
                       nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, dataset=data,
-                      device_map="cpu", enable_torch_compile=False, amp=False, enable_alg_ext=enable_alg_ext,
+                      device_map="cpu", enable_torch_compile=False, amp=args.amp, enable_alg_ext=enable_alg_ext,
                       layer_config={n: {"bits": 16} for n in names})
     c0, w0 = time.process_time(), time.time()
     ar.quantize()

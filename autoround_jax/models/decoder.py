@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
-from .layers import FloatWeight, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from .layers import FloatWeight, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, swiglu
 from .moe import SparseMoE
 from .precision import f32_einsum, linear, physical_transpose
 
@@ -84,14 +84,17 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, index, 0, 0))
             cache = LayerCache(k_all, v_all)
             k, v = k_all.astype(x.dtype), v_all.astype(x.dtype)
-        out = _attend(q, k, v, mask, self.num_kv_heads)
+        out = _attend(q, k, v, mask, self.num_kv_heads, causal=cache is None)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 
-def _attend(q, k, v, mask, kv_heads):
-    """softmax(q k^T / sqrt(d)) v with GQA by grouping query heads; softmax in fp32 like HF eager."""
+def _attend(q, k, v, mask, kv_heads, causal: bool = False):
+    """softmax(q k^T / sqrt(d)) v with GQA by grouping query heads; softmax in fp32 like HF eager.
+
+    causal: the mask lets no query see a later key (causal_mask, with or without padding, builds only such masks;
+    a cached forward's mask does not qualify), so the amp path may skip the blocks above the diagonal."""
     if q.dtype != jnp.float32:
-        return _attend_mixed(q, k, v, mask, kv_heads)
+        return _attend_mixed(q, k, v, mask, kv_heads, causal)
     b, t, h, d = q.shape
     qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) / np.sqrt(d).astype(np.float32)
@@ -101,16 +104,29 @@ def _attend(q, k, v, mask, kv_heads):
     return out.reshape(b, t, h, d)
 
 
-def _attend_mixed(q, k, v, mask, kv_heads):
+def _attend_mixed(q, k, v, mask, kv_heads, causal: bool = False):
     """The same under amp (bf16 operands, f32 scores and accumulation), laid out heads-major ([B*KVH, G*T, D]) so
     that both contractions and their gradients are plain batched matmuls: with the HF layout, XLA:CPU transposed the
-    [B, KVH, G, T, S] score tensors back and forth in every forward and backward pass."""
+    [B, KVH, G, T, S] score tensors back and forth in every forward and backward pass.
+
+    With a causal mask over T = S (even) the queries run in two halves: the first half attends only the first half
+    of the keys (the keys after it are masked for all of its queries), so a quarter of the scores, their softmax and
+    their four gradient products are never computed. The masked scores' probabilities are exactly 0 either way, so
+    the result is the same (12.6 -> 10.1 ms forward and backward on a SmolLM2 block's 4 x 256 tokens, 2-core EPYC).
+    """
     b, t, h, d = q.shape
     s, g = k.shape[1], h // kv_heads
-    qz = physical_transpose(q.reshape(b, t, kv_heads, g, d), (0, 2, 3, 1, 4)).reshape(b * kv_heads, g * t, d)
+    qz = physical_transpose(q.reshape(b, t, kv_heads, g, d), (0, 2, 3, 1, 4)).reshape(b * kv_heads, g, t, d)
     kz = physical_transpose(k, (0, 2, 1, 3)).reshape(b * kv_heads, s, d)
     vz = physical_transpose(v, (0, 2, 1, 3)).reshape(b * kv_heads, s, d)
-    out = _softmax_attention(qz, kz, vz, mask, (b, kv_heads, g, t, s)).reshape(b, kv_heads, g, t, d)
+    halves = 2 if causal and t == s and t % 2 == 0 and t >= 32 else 1
+    tb, outs = t // halves, []
+    for i in range(halves):
+        rows, keys = slice(i * tb, (i + 1) * tb), (i + 1) * tb if halves > 1 else s
+        qi = qz[:, :, rows].reshape(b * kv_heads, g * tb, d)
+        oi = _softmax_attention(qi, kz[:, :keys], vz[:, :keys], mask[:, rows, :keys], (b, kv_heads, g, tb, keys))
+        outs.append(oi.reshape(b, kv_heads, g, tb, d))
+    out = outs[0] if halves == 1 else jnp.concatenate(outs, axis=3)
     return physical_transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
 
 
@@ -163,7 +179,7 @@ class MLP(nnx.Module):
         self.down_proj = _linear(i, d, cfg.mlp_bias, dtype)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderBlock(nnx.Module):

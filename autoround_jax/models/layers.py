@@ -7,6 +7,7 @@ code never knows which one it has.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -57,9 +58,38 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if x.dtype != jnp.float32:
+            return _rms_norm_half(x, self.weight[...], self.eps)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_norm_half(x, weight, eps):
+    """RMSNorm of a bf16/fp16 x under amp: normalised in f32 as transformers does, the weight applied in f32 and
+    rounded once (transformers rounds the normalised value to x's dtype first); hand-written backward for x (the
+    norm weights are constants of the tuned block: no gradient)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def _rms_norm_half_fwd(x, weight, eps):
+    return _rms_norm_half(x, weight, eps), (x, weight)
+
+
+def _rms_norm_half_bwd(eps, res, g):
+    """dx = r (w g) - x r^3 mean(w g x) with r = rsqrt(mean(x^2) + eps)."""
+    x, weight = res
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    gw = g.astype(jnp.float32) * weight.astype(jnp.float32)
+    dx = r * gw - x32 * (r * r * r) * jnp.mean(gw * x32, axis=-1, keepdims=True)
+    return dx.astype(x.dtype), None
+
+
+_rms_norm_half.defvjp(_rms_norm_half_fwd, _rms_norm_half_bwd)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
@@ -113,8 +143,72 @@ def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, scaling: float, dtyp
     return (jnp.cos(emb) * scaling).astype(dtype), (jnp.sin(emb) * scaling).astype(dtype)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, H, D]; rotate_half convention (first half / second half), as HF."""
+def _rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, D]; rotate_half convention (first half / second half), as HF. Half-precision x (amp) takes
+    _rope_half: f32 arithmetic, one rounding, and a hand-written backward."""
+    if x.dtype != jnp.float32:
+        return _rope_half(x, cos, sin)
+    return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
+
+
+@jax.custom_vjp
+def _rope_half(x, cos, sin):
+    """RoPE of a bf16/fp16 x computed in f32 and rounded once (torch's autocast rounds after each op, no closer to
+    the exact value). Autodiff of the bf16 composition lowered on XLA:CPU to pad/slice fusions with a rounding
+    after every op: 2.8 ms for the backward of a [4, 256, 9, 64] q against 0.14 ms for this one (2-core EPYC)."""
+    xf, c, s = x.astype(jnp.float32), cos[:, :, None, :].astype(jnp.float32), sin[:, :, None, :].astype(jnp.float32)
+    return (xf * c + _rotate_half(xf) * s).astype(x.dtype)
+
+
+def _rope_half_fwd(x, cos, sin):
+    return _rope_half(x, cos, sin), (cos, sin)
+
+
+def _rope_half_bwd(res, g):
+    """dx = g cos + rotate_half^T(g sin), with rotate_half^T(y) = [y2, -y1] for y = [y1, y2]; cos/sin are
+    constants of the block (no gradient)."""
+    cos, sin = res
+    gf = g.astype(jnp.float32)
+    gs = gf * sin[:, :, None, :].astype(jnp.float32)
+    half = g.shape[-1] // 2
+    dx = gf * cos[:, :, None, :].astype(jnp.float32) + jnp.concatenate([gs[..., half:], -gs[..., :half]], axis=-1)
+    return dx.astype(g.dtype), None, None
+
+
+_rope_half.defvjp(_rope_half_fwd, _rope_half_bwd)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up. Half-precision inputs (amp) take _swiglu_half: f32 arithmetic, one rounding, and a
+    hand-written backward."""
+    if gate.dtype != jnp.float32:
+        return _swiglu_half(gate, up)
+    return jax.nn.silu(gate) * up
+
+
+@jax.custom_vjp
+def _swiglu_half(gate, up):
+    """silu(gate) * up of bf16/fp16 inputs in f32, rounded once. Autodiff of the bf16 composition rounds after each
+    op and, on XLA:CPU, took 1.9 ms forward and 2.9 ms backward on [1024, 1536] against 0.8 and 1.2 here."""
+    g = gate.astype(jnp.float32)
+    return (g * jax.nn.sigmoid(g) * up.astype(jnp.float32)).astype(gate.dtype)
+
+
+def _swiglu_half_fwd(gate, up):
+    return _swiglu_half(gate, up), (gate, up)
+
+
+def _swiglu_half_bwd(res, dy):
+    """d gate = dy up silu'(gate), silu'(a) = s (1 + a (1 - s)) with s = sigmoid(a); d up = dy silu(gate)."""
+    gate, up = res
+    a, u, d = gate.astype(jnp.float32), up.astype(jnp.float32), dy.astype(jnp.float32)
+    s = jax.nn.sigmoid(a)
+    return (d * u * (s * (1 + a * (1 - s)))).astype(gate.dtype), (d * (a * s)).astype(up.dtype)
+
+
+_swiglu_half.defvjp(_swiglu_half_fwd, _swiglu_half_bwd)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import FloatWeight, Linear
+from .layers import FloatWeight, Linear, swiglu
 from .precision import mixed_einsum
 
 GROUPED_ENV = "AUTOROUND_JAX_MOE_MATMUL"  # "ragged" | "tiled" to override the per-backend choice (tests, benches)
@@ -158,7 +158,7 @@ def experts_forward(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)
     xs = x[order // k]
-    h = jax.nn.silu(_grouped(xs, gate, group_sizes)) * _grouped(xs, up, group_sizes)
+    h = swiglu(_grouped(xs, gate, group_sizes), _grouped(xs, up, group_sizes))
     ys = _grouped(h, down, group_sizes) * weights.reshape(-1)[order][:, None]
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))
     out = ys[inverse].reshape(t, k, -1).sum(axis=1)
@@ -175,7 +175,7 @@ def pairs_forward(x: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Arr
     (gate/up [T*k, I, D], down [T*k, D, I], gathered), no sort. x [T, D], weights [T, k]."""
     t, k = weights.shape
     xp = jnp.repeat(x, k, axis=0)  # pair p = (token p // k, slot p % k), as idx.reshape(-1)
-    h = jax.nn.silu(mixed_einsum("pd,pid->pi", xp, gate)) * mixed_einsum("pd,pid->pi", xp, up)
+    h = swiglu(mixed_einsum("pd,pid->pi", xp, gate), mixed_einsum("pd,pid->pi", xp, up))
     y = mixed_einsum("pi,pdi->pd", h, down) * weights.reshape(-1)[:, None]
     return y.reshape(t, k, -1).sum(axis=1)
 

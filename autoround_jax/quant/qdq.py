@@ -93,18 +93,24 @@ def minmax_init(w: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
     return jnp.minimum(wg.min(axis=-1), 0), jnp.maximum(wg.max(axis=-1), 0)
 
 
-def _exact_div(x: jax.Array, d: jax.Array | int) -> jax.Array:
-    """x / d as one IEEE division per element, like torch.
+def _exact_div(x: jax.Array, d: jax.Array | int, zero_from: jax.Array | None = None) -> jax.Array:
+    """x / d as one IEEE division per element in the promoted dtype, like torch.
 
     XLA's simplifier turns division by a constant or by a broadcast into multiplication by a reciprocal, which
     rounds differently. Adding a zero that depends on x (x * 0, gradient stopped) makes the divisor an ordinary
     element-wise value the simplifier leaves alone, and it stays inside the consumer's fusion: nothing full-size is
     materialised (an optimization barrier around the broadcast divisor did the same but wrote it out every call).
+    The divisor is promoted first (an fp16 scale to f32, exactly, as torch promotes it): adding the zero in fp16
+    cost an emulated half-precision add per element. zero_from: an array of the result's shape to take the zero
+    from instead of x; inside the tuning loop pass the rounding offset V, which changes every iteration: a zero
+    made from the constant weight is hoisted out of the loop and read back in full each iteration.
     """
     d = jnp.asarray(d, x.dtype) if isinstance(d, int) else d
+    dt = jnp.result_type(x, d)
     shape = jnp.broadcast_shapes(x.shape, jnp.shape(d))
-    zero = jax.lax.stop_gradient(x) * 0
-    return x / (jnp.broadcast_to(d, shape) + zero.astype(jnp.result_type(d)))
+    src = zero_from if zero_from is not None and jnp.shape(zero_from) == shape else x
+    zero = (jax.lax.stop_gradient(src) * 0).astype(dt)
+    return x.astype(dt) / (jnp.broadcast_to(jnp.asarray(d).astype(dt), shape) + zero)
 
 
 def _scale_thresh(scale_dtype) -> float:
@@ -194,7 +200,7 @@ def _fake_quant_grouped(wg, v, scale, zp, maxq: int):
     the scale's two uses to fp16 and then adds them, so the two differ at fp16 rounding, where they nearly cancel.)
     """
     s, z = scale[:, None], zp[:, None]
-    q = jnp.clip(jnp.round(_exact_div(wg, s) + v) + z, 0, maxq)
+    q = jnp.clip(jnp.round(_exact_div(wg, s, v) + v) + z, 0, maxq)
     return s * (q - z)
 
 
@@ -205,7 +211,7 @@ def _fake_quant_grouped_fwd(wg, v, scale, zp, maxq):
 def _fake_quant_grouped_bwd(maxq, res, g):
     wg, v, scale, zp = res
     s, z = scale[:, None], zp[:, None]
-    t = _exact_div(wg, s)
+    t = _exact_div(wg, s, v)
     u = jnp.round(t + v) + z
     inside = (u >= 0) & (u <= maxq)  # torch.clamp passes the gradient at the bounds too
     gq = g * s  # d out / d q

@@ -146,6 +146,16 @@ def put_rows(rows_of, n: int, row_shape: tuple[int, ...], dtype, mesh: Mesh, row
     return jax.make_array_from_callback((rows,) + tuple(row_shape), rows_sharding(mesh), shard)
 
 
+def _gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x[idx], with 16-bit floats gathered as their uint16 bits: XLA:CPU has no bf16 gather and upcasts the whole
+    operand to f32 first, which converted every cached activation row (not just the mini-batch) in every iteration
+    (2.1 ms of a 75 ms SmolLM2 step at 8 cached samples, growing with nsamples). Bit-exact."""
+    if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16)[idx]
+        return jax.lax.bitcast_convert_type(bits, x.dtype)
+    return x[idx]
+
+
 def take_rows(x: jax.Array, idx: jax.Array, mesh: Mesh | None) -> jax.Array:
     """x[idx] for a mini-batch inside jit; on a mesh the result is sharded over `data` like x.
 
@@ -154,13 +164,13 @@ def take_rows(x: jax.Array, idx: jax.Array, mesh: Mesh | None) -> jax.Array:
     a sum of one value and zeros.
     """
     if mesh is None or axis_size(mesh, "data") == 1:
-        return x[idx]
+        return _gather_rows(x, idx)
 
     def local(xl, ids):
         n_local = xl.shape[0]
         li = ids - jax.lax.axis_index("data") * n_local
         own = (li >= 0) & (li < n_local)
-        rows = jnp.where(own.reshape((-1,) + (1,) * (xl.ndim - 1)), xl[jnp.clip(li, 0, n_local - 1)],
+        rows = jnp.where(own.reshape((-1,) + (1,) * (xl.ndim - 1)), _gather_rows(xl, jnp.clip(li, 0, n_local - 1)),
                          jnp.zeros((), xl.dtype))
         return jax.lax.psum_scatter(rows, "data", scatter_dimension=0, tiled=True)
 

@@ -145,3 +145,34 @@ def test_cpu_tuned_jit_compiles_half_float_calls_with_ynn_dots_only(monkeypatch)
     x = jnp.ones((64, 256), jnp.float32)
     red = lambda x: jnp.sum(jnp.sin(x), axis=-1)  # noqa: E731
     assert "__ynn_fusion" not in real_jit(red, compiler_options=options).lower(x).compile().as_text()
+
+
+def test_attention_causal_halves_match_the_float64_oracle():
+    """With a causal mask over T = S the amp attention runs its queries in two halves (the first half against the
+    first half of the keys): forward and all three gradients against the float64 oracle, and equal (up to the
+    dots' f32 summation order) to the unsplit computation."""
+    from autoround_jax.models.decoder import _attend, causal_mask
+
+    rng = np.random.default_rng(4)
+    b, t, kvh, g, d = 2, 64, 2, 3, 16
+    q, k, v = (_bf16(rng.standard_normal(s)) for s in ((b, t, kvh * g, d), (b, t, kvh, d), (b, t, kvh, d)))
+    r = _bf16(rng.standard_normal((b, t, kvh * g, d)))
+    mask = np.asarray(causal_mask(None, b, t))
+    j = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+
+    def run(causal):
+        out, vjp = jax.vjp(lambda q, k, v: _attend(q, k, v, jnp.asarray(mask), kvh, causal=causal), j(q), j(k), j(v))
+        return (out,) + vjp(j(r))
+
+    halves, whole = run(True), run(False)
+    p, qg = _attention_oracle(q, k, v, mask, kvh)
+    rg = r.reshape(b, t, kvh, g, d)
+    dp = np.einsum("btkgd,bskd->bkgts", rg, v)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(d)
+    wants = (np.einsum("bkgts,bskd->btkgd", p, v).reshape(q.shape), np.einsum("bkgts,bskd->btkgd", ds, k).reshape(q.shape),
+             np.einsum("bkgts,btkgd->bskd", ds, qg), np.einsum("bkgts,btkgd->bskd", p, rg))
+    for got, other, ref in zip(halves, whole, wants):
+        assert got.dtype == jnp.bfloat16 and got.shape == ref.shape
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(other, np.float32), rtol=1e-2,
+                                   atol=1e-2 * np.abs(ref).max())

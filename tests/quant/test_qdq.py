@@ -228,3 +228,20 @@ def test_exact_div_is_ieee_division_under_jit():
     plain = np.asarray(jax.jit(lambda x, d: x / d[:, None])(x, d))
     if np.array_equal(plain, x / d[:, None]):
         pytest.skip("this XLA does not rewrite the division; nothing to guard against")
+
+
+def test_exact_div_promotes_an_fp16_divisor_and_takes_its_zero_from_v():
+    """The tuning loop divides the f32 weight by the fp16 scale with the zero taken from V (a loop-variant array):
+    still one IEEE f32 division per element, as torch computes weight / scale, and V's value never leaks in."""
+    from autoround_jax.quant.qdq import _exact_div
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((512, 128)).astype(np.float32)
+    d16 = (rng.random(512).astype(np.float32) + 0.1).astype(np.float16)
+    v = rng.uniform(-0.5, 0.5, (512, 128)).astype(np.float32)
+    got = jax.jit(lambda x, d, v: _exact_div(x, d[:, None], v))(x, d16, v)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), x / d16.astype(np.float32)[:, None])
+    # a zero source of the wrong shape falls back to x (the RTN path passes a scalar V)
+    got = jax.jit(lambda x, d: _exact_div(x, d[:, None], jnp.zeros(())))(x, d16)
+    np.testing.assert_array_equal(np.asarray(got), x / d16.astype(np.float32)[:, None])

@@ -85,3 +85,23 @@ def test_mesh_input_errors_are_one_line(one_layer, tmp_path, capsys, extra, mess
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("autoround-jax: error:") and message in err[0], err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_bf16_rows_are_gathered_without_upcasting_the_cache():
+    """take_rows on one device: bit-exact rows of a bf16 cache, and the compiled gather never converts the whole
+    cache to f32 (XLA:CPU's float normalisation did that in every tuning iteration)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from autoround_jax.tuning.mesh import take_rows
+
+    rng = np.random.default_rng(0)
+    cache = jnp.asarray(rng.standard_normal((16, 8, 32)), jnp.bfloat16)
+    idx = jnp.asarray([3, 0, 15, 3], jnp.int32)
+    f = jax.jit(lambda c, i: take_rows(c, i, None))
+    got = f(cache, idx)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(cache.astype(jnp.float32))[[3, 0, 15, 3]])
+    hlo = f.lower(cache, idx).compile().as_text()
+    assert "f32[16,8,32]" not in hlo
